@@ -1,0 +1,70 @@
+"""Reading memory budgets: ``"20GB"``, ``"20 GiB"``, ``"512MB"``, ``"1.5e9"``, ``2**30``, ``"80%"``."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import BudgetError
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z%]*)\s*$", re.IGNORECASE)
+ACCEPTED = 'an int of bytes, "1.5e9", "512MB", "20GB", "20 GiB", or a share of device memory such as "80%"'
+
+
+def parse_budget(budget: int | float | str | None, *, device_memory_bytes: int | None = None) -> int | None:
+    """Return the budget in bytes, or None when there is no budget.
+
+    ``device_memory_bytes`` is needed only for percentages.
+    """
+    if budget is None:
+        return None
+    if isinstance(budget, bool):
+        raise BudgetError(f"memory_budget={budget!r} is a bool; give {ACCEPTED}")
+    if isinstance(budget, (int, float)):
+        return _positive_bytes(float(budget), budget)
+    if not isinstance(budget, str):
+        raise BudgetError(f"memory_budget={budget!r} has type {type(budget).__name__}; give {ACCEPTED}")
+    match = _PATTERN.match(budget)
+    if match is None:
+        raise BudgetError(f"cannot read memory_budget={budget!r}; give {ACCEPTED}")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    if unit == "%":
+        if not 0 < number <= 100:
+            raise BudgetError(f"memory_budget={budget!r}: a share of device memory must lie in (0%, 100%]")
+        if device_memory_bytes is None:
+            raise BudgetError(
+                f"memory_budget={budget!r} is a share of device memory, but the device's memory is unknown; "
+                "give the budget in bytes or name a hardware profile"
+            )
+        return int(device_memory_bytes * number / 100)
+    if unit not in _UNITS:
+        raise BudgetError(f"unknown unit {match.group(2)!r} in memory_budget={budget!r}; give {ACCEPTED}")
+    return _positive_bytes(number * _UNITS[unit], budget)
+
+
+def _positive_bytes(value: float, given: object) -> int:
+    if value != value or value in (float("inf"), float("-inf")) or value < 1:
+        raise BudgetError(f"memory_budget={given!r} must be a positive, finite number of bytes; give {ACCEPTED}")
+    return int(value)
+
+
+def format_bytes(num_bytes: float) -> str:
+    """Human-readable decimal units, as users write budgets ("1.23 GB")."""
+    sign = "-" if num_bytes < 0 else ""
+    value = abs(float(num_bytes))
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{sign}{value:.0f} {unit}" if unit == "B" else f"{sign}{value:.2f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")

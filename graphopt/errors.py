@@ -1,0 +1,30 @@
+"""Exceptions graphopt raises at users. Each message says what to do next."""
+
+
+class GraphoptError(Exception):
+    """Base class of every error graphopt raises on purpose."""
+
+
+class BudgetError(GraphoptError, ValueError):
+    """A memory budget that graphopt cannot read."""
+
+
+class HardwareError(GraphoptError, ValueError):
+    """An unknown hardware name or a malformed hardware profile."""
+
+
+class BudgetInfeasibleError(GraphoptError):
+    """No plan keeps the step's peak under the budget.
+
+    ``least_peak_bytes`` is the smallest peak graphopt can reach on this graph and
+    ``breakdown`` says what it is made of (bytes by kind).
+    """
+
+    def __init__(self, message: str, *, least_peak_bytes: int, breakdown: dict[str, int]):
+        super().__init__(message)
+        self.least_peak_bytes = least_peak_bytes
+        self.breakdown = breakdown
+
+
+class PlanMismatchError(GraphoptError):
+    """A saved plan does not match the graph it is applied to."""

@@ -1,0 +1,221 @@
+"""Choosing keep / recompute per candidate: a mixed-integer program, with a greedy fallback.
+
+This is the only module that imports pulp. It sees a ``Problem`` (plain lists of sizes,
+costs and lifetimes) and returns a ``Solution``; it never sees an FX node.
+
+The program, with binaries ``s_i`` (keep) and ``r_i`` (recompute):
+
+    minimise   Σ r_i·recompute_ms_i  +  ε·Σ s_i·MB_i           (ε only breaks ties)
+    subject to s_i + r_i = 1              if the backward reads i, else ≤ 1
+               r_i ≤ s_j + r_j            for every input j of i's producer
+               D_k = D_{k-1} + Σ (changes at event k)
+               D_k + max base(segment k) ≤ budget
+
+Decision-dependent memory changes only at a few events (a kept tensor outlives its
+forward use; a recomputed one appears; either dies after its last use), so one running
+sum ``D_k`` per event keeps the program sparse: O(candidates) rows instead of
+O(candidates × steps).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pulp
+
+from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, evaluate, memory_timeline
+
+MB = 2**20
+# One MB kept costs as much as this many ms: small enough never to trade real time for
+# memory, large enough to prefer the smaller of two equally fast plans.
+TIE_BREAK_MS_PER_MB = 1e-6
+
+Progress = Callable[[str], None]
+
+
+def solve(
+    problem: Problem,
+    *,
+    time_limit_s: float = 30.0,
+    relative_gap: float = 0.005,
+    progress: Progress | None = None,
+) -> Solution | None:
+    """The fastest plan under the budget, or None when no plan fits.
+
+    With ``problem.budget_bytes`` None, returns the plan of least peak instead.
+    """
+    started = time.perf_counter()
+    if progress:
+        progress(f"solving keep/recompute for {len(problem.candidates)} tensors (limit {time_limit_s:.0f} s)")
+    actions, status = _solve_milp(problem, time_limit_s, relative_gap)
+    elapsed = time.perf_counter() - started
+    if actions is not None:
+        solution = evaluate(problem, actions, f"milp-{status}", elapsed)
+        if problem.budget_bytes is None or solution.peak_bytes <= problem.budget_bytes:
+            return solution
+    fallback = greedy(problem)
+    elapsed = time.perf_counter() - started
+    if fallback is None:
+        return None
+    return evaluate(problem, fallback.actions, "greedy", elapsed)
+
+
+def least_peak(problem: Problem, *, time_limit_s: float = 30.0) -> Solution:
+    """The plan of least peak memory (ignores the budget)."""
+    unconstrained = Problem(problem.candidates, problem.base_bytes, problem.num_forward_steps, None)
+    solution = solve(unconstrained, time_limit_s=time_limit_s)
+    assert solution is not None, "the least-peak program always has a solution"
+    return solution
+
+
+# ----------------------------------------------------------------------------- MILP
+
+
+def _solver(time_limit_s: float, relative_gap: float) -> pulp.LpSolver:
+    highs = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=relative_gap)
+    if highs.available():
+        return highs
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=relative_gap)
+
+
+def _solve_milp(problem: Problem, time_limit_s: float, relative_gap: float) -> tuple[list[str] | None, str]:
+    program = pulp.LpProblem("graphopt_keep_recompute", pulp.LpMinimize)
+    keep, recompute = _decision_variables(program, problem)
+    peak = _variable(program, "peak_mb", lowBound=0) if problem.budget_bytes is None else None
+
+    for index, candidate in enumerate(problem.candidates):
+        chosen = keep[index] + recompute[index]
+        program += (chosen == 1) if candidate.needed_by_backward else (chosen <= 1)
+        if candidate.can_recompute:
+            for input_index in candidate.inputs:
+                program += recompute[index] <= keep[input_index] + recompute[input_index]
+
+    _add_memory_rows(program, problem, keep, recompute, peak)
+
+    time_ms = pulp.lpSum(c.recompute_ms * recompute[i] for i, c in enumerate(problem.candidates))
+    tie_break = pulp.lpSum(TIE_BREAK_MS_PER_MB * c.size_bytes / MB * keep[i] for i, c in enumerate(problem.candidates))
+    if peak is None:
+        program += time_ms + tie_break
+    else:  # least peak first; time only among plans of (nearly) that peak
+        program += peak + 1e-3 * time_ms
+
+    program.solve(_solver(time_limit_s, relative_gap))
+    status = pulp.LpStatus[program.status]
+    found = program.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
+    if not found or not _has_incumbent(keep, recompute):
+        return None, status.lower()
+    actions = []
+    for index in range(len(problem.candidates)):
+        if _is_one(keep[index]):
+            actions.append(KEEP)
+        elif _is_one(recompute[index]):
+            actions.append(RECOMPUTE)
+        else:
+            actions.append(DROP)
+    label = "optimal" if status == "Optimal" else "time-limit"
+    return actions, label
+
+
+def _variable(program: pulp.LpProblem, name: str, **kwargs) -> pulp.LpVariable:
+    """A variable attached to the program (pulp >= 3.3), or a free one on older pulp."""
+    if hasattr(program, "add_variable"):
+        return program.add_variable(name, **kwargs)
+    return pulp.LpVariable(name, **kwargs)
+
+
+def _decision_variables(program: pulp.LpProblem, problem: Problem) -> tuple[list, list]:
+    keep, recompute = [], []
+    for index, candidate in enumerate(problem.candidates):
+        keep.append(_variable(program, f"keep_{index}", cat="Binary") if candidate.can_keep else 0)
+        recompute.append(_variable(program, f"recompute_{index}", cat="Binary") if candidate.can_recompute else 0)
+    return keep, recompute
+
+
+def _add_memory_rows(program: pulp.LpProblem, problem: Problem, keep: list, recompute: list, peak) -> None:
+    """Running sums of decision memory at each event; one budget row per segment."""
+    changes: dict[int, list] = {}
+    for index, candidate in enumerate(problem.candidates):
+        size_mb = candidate.size_bytes / MB
+        if size_mb == 0:
+            continue
+        changes.setdefault(candidate.free_at + 1, []).append(size_mb * keep[index])
+        changes.setdefault(candidate.backward_first_use, []).append(size_mb * recompute[index])
+        changes.setdefault(candidate.backward_last_use + 1, []).append(-size_mb * (keep[index] + recompute[index]))
+    events = sorted(step for step in changes if step < problem.num_steps)
+    if not events or events[0] != 0:
+        events.insert(0, 0)
+    limit = None if problem.budget_bytes is None else problem.budget_bytes / MB
+    previous = None
+    for position, start in enumerate(events):
+        end = events[position + 1] if position + 1 < len(events) else problem.num_steps
+        running = _variable(program, f"memory_mb_{position}")
+        program += running == (previous if previous is not None else 0) + pulp.lpSum(changes.get(start, []))
+        segment_base_mb = max(problem.base_bytes[start:end]) / MB
+        program += running + segment_base_mb <= (peak if peak is not None else limit)
+        previous = running
+
+
+def _value(variable) -> float | None:
+    return variable if isinstance(variable, (int, float)) else variable.varValue
+
+
+def _is_one(variable) -> bool:
+    value = _value(variable)
+    return value is not None and value > 0.5
+
+
+def _has_incumbent(keep: list, recompute: list) -> bool:
+    return all(_value(v) is not None for v in keep + recompute)
+
+
+# ----------------------------------------------------------------------------- greedy
+
+
+def greedy(problem: Problem) -> Solution | None:
+    """Keep everything the backward reads, then recompute the most bytes per ms until it fits.
+
+    Always valid, rarely optimal: the fallback when the MILP finds nothing in time.
+    """
+    actions = [DROP] * len(problem.candidates)
+    for index, candidate in enumerate(problem.candidates):
+        if candidate.needed_by_backward:
+            _make_available(problem, actions, index)
+    budget = problem.budget_bytes
+    peak = max(memory_timeline(problem, actions))
+    order = sorted(
+        range(len(problem.candidates)),
+        key=lambda i: problem.candidates[i].size_bytes / (problem.candidates[i].recompute_ms + 1e-6),
+        reverse=True,
+    )
+    improved = True
+    while improved and (budget is None or peak > budget):
+        improved = False
+        for index in order:
+            if actions[index] != KEEP or not problem.candidates[index].can_recompute:
+                continue
+            trial = list(actions)
+            trial[index] = RECOMPUTE
+            for input_index in problem.candidates[index].inputs:
+                if trial[input_index] == DROP:
+                    _make_available(problem, trial, input_index)
+            trial_peak = max(memory_timeline(problem, trial))
+            if trial_peak < peak:
+                actions, peak, improved = trial, trial_peak, True
+                if budget is not None and peak <= budget:
+                    break
+    if budget is not None and peak > budget:
+        return None
+    return evaluate(problem, actions, "greedy")
+
+
+def _make_available(problem: Problem, actions: list[str], index: int) -> None:
+    if actions[index] != DROP:
+        return
+    candidate = problem.candidates[index]
+    if candidate.can_keep:
+        actions[index] = KEEP
+        return
+    actions[index] = RECOMPUTE
+    for input_index in candidate.inputs:
+        _make_available(problem, actions, input_index)

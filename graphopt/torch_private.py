@@ -1,0 +1,216 @@
+"""Every use of PyTorch's private AOTAutograd / partitioner / Inductor API lives here.
+
+graphopt supports torch >=2.11,<2.15. When torch changes one of these internals, this is
+the one file that changes. The rest of graphopt sees plain functions with stable
+signatures: classify a joint graph, split it given a saved set, compile with Inductor or
+without code generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._functorch import partitioners as _partitioners
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch.fx.experimental.proxy_tensor import is_sym_node
+from torch.utils.checkpoint import CheckpointPolicy
+
+PartitionFn = Callable[..., tuple[fx.GraphModule, fx.GraphModule]]
+
+_OP_TYPES = _partitioners.get_default_op_list()
+# Ops that draw random numbers from the global generator: the backward would draw
+# different numbers, so their outputs can be saved but never recomputed. Inductor's
+# `inductor_random(size, seed)` is deterministic given its seed and may be recomputed.
+_RANDOM_TARGETS = {torch.ops.aten.native_dropout, torch.ops.aten.rand_like, torch.ops.aten.randn_like}
+
+
+@dataclasses.dataclass(frozen=True)
+class JointGraph:
+    """The joint forward+backward graph, classified into its parts."""
+
+    module: fx.GraphModule
+    num_fwd_outputs: int
+    forward_nodes: tuple[fx.Node, ...]  # required by the forward, in execution order
+    backward_nodes: tuple[fx.Node, ...]  # everything else that computes, in execution order
+    primals: tuple[fx.Node, ...]
+    tangents: tuple[fx.Node, ...]
+    static_inputs: frozenset[fx.Node]  # parameters and buffers (live for the whole step)
+    forward_outputs: tuple[fx.Node, ...]
+    backward_outputs: tuple[fx.Node, ...]
+    node_info: Any  # torch's NodeInfo, handed back to extract()
+
+
+def prepare_joint_graph(
+    joint: fx.GraphModule, *, num_fwd_outputs: int, static_lifetime_input_indices: Sequence[int] | None
+) -> JointGraph:
+    """Clean the joint graph the way torch's partitioners do, then classify it."""
+    joint.graph.eliminate_dead_code()
+    joint.recompile()
+    if _partitioners.has_recomputable_ops(joint):
+        joint = _partitioners.cleanup_recompute_tags(joint, is_default_partition=False)
+    _partitioners.force_save_collectives(joint)
+    _partitioners.force_save_effectful_ops(joint)
+    _partitioners.force_save_bw_mutation_src(joint)
+    node_info = _partitioners.classify_nodes(joint, list(static_lifetime_input_indices or []), num_fwd_outputs)
+    fwd_outputs, bwd_outputs, _, _ = _partitioners._extract_fwd_bwd_outputs(joint, num_fwd_outputs=num_fwd_outputs)
+    forward = tuple(node_info.required_fw_nodes)
+    forward_set = set(forward)
+    backward = tuple(
+        n for n in joint.graph.nodes if n.op == "call_function" and n not in forward_set and _in_backward(n, node_info)
+    )
+    placeholders = joint.graph.find_nodes(op="placeholder")
+    return JointGraph(
+        module=joint,
+        num_fwd_outputs=num_fwd_outputs,
+        forward_nodes=forward,
+        backward_nodes=backward,
+        primals=tuple(filter(_partitioners._is_primal, placeholders)),
+        tangents=tuple(filter(_partitioners._is_tangent, placeholders)),
+        static_inputs=frozenset(node_info.static_lifetime_input_nodes),
+        forward_outputs=tuple(n for n in fwd_outputs if isinstance(n, fx.Node)),
+        backward_outputs=tuple(n for n in bwd_outputs if isinstance(n, fx.Node)),
+        node_info=node_info,
+    )
+
+
+def _in_backward(node: fx.Node, node_info: Any) -> bool:
+    return node_info.is_required_bw(node) or node_info.is_unclaimed(node)
+
+
+def has_backward(joint: JointGraph) -> bool:
+    return len(joint.node_info.required_bw_nodes) > 0
+
+
+def split_joint_graph(joint: JointGraph, saved: Sequence[fx.Node]) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Forward and backward modules that pass exactly `saved` (plus needed SymInts) between them.
+
+    Everything else the backward needs is recomputed in it; torch's reordering then moves
+    each recomputation next to its first use, as the autograd engine would.
+    """
+    module = joint.module
+    saved_values = [n for n in saved if not is_sym_node(n) and not _partitioners.is_opaque_node(n)]
+    saved_opaque = [n for n in saved if _partitioners.is_opaque_node(n)]
+    saved_symbols = [n for n in saved if is_sym_node(n) and not _partitioners._is_assert_only_symbool(n)]
+    forward, backward = _partitioners._extract_fwd_bwd_modules(
+        module,
+        saved_values,
+        saved_sym_nodes=saved_symbols,
+        saved_opaque_nodes=saved_opaque,
+        num_fwd_outputs=joint.num_fwd_outputs,
+        static_lifetime_input_nodes=joint.node_info.static_lifetime_input_nodes,
+    )
+    if _partitioners.has_recomputable_ops(module) and _partitioners.has_recomputable_rng_ops(module):
+        forward, backward = _partitioners.functionalize_rng_ops(module, forward, backward, len(saved_symbols))
+    backward = _partitioners.reordering_to_mimic_autograd_engine(backward)
+    forward = _partitioners.raise_getitems(forward)
+    backward = _partitioners.raise_getitems(backward)
+    forward = _partitioners.thread_graphsafe_rng_from_hops(forward, is_backward=False)
+    backward = _partitioners.thread_graphsafe_rng_from_hops(backward, is_backward=True)
+    return forward, backward
+
+
+def default_partition(
+    joint: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, static_lifetime_input_indices: Any
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """torch's save-everything partitioner, for graphs with nothing to decide."""
+    return _partitioners.default_partition(
+        joint,
+        joint_inputs,
+        num_fwd_outputs=num_fwd_outputs,
+        static_lifetime_input_indices=static_lifetime_input_indices,
+    )
+
+
+# ----------------------------------------------------------------------------- op kinds
+
+
+def is_view(node: fx.Node) -> bool:
+    return node.op == "call_function" and _OP_TYPES.is_view(node)
+
+
+def is_compute_intensive(node: fx.Node) -> bool:
+    return node.op == "call_function" and _OP_TYPES.is_compute_intensive(node)
+
+
+def is_fusible(node: fx.Node) -> bool:
+    """Pointwise-like ops Inductor fuses into their consumers."""
+    return node.op == "call_function" and _OP_TYPES.is_fusible(node)
+
+
+def is_random(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    target = node.target
+    packet = getattr(target, "overloadpacket", None)
+    if packet in _RANDOM_TARGETS:
+        return True
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+
+
+def must_stay_in_forward(node: fx.Node) -> bool:
+    """Nodes torch pins to the forward (mutations, effects): never recomputed."""
+    return _partitioners._must_be_in_forward(node)
+
+
+def checkpoint_policy(node: fx.Node) -> str | None:
+    """The user's torch.utils.checkpoint / SAC policy on a node, as a plain name."""
+    policy = node.meta.get("recompute")
+    if policy is None:
+        return None
+    return policy.name if isinstance(policy, CheckpointPolicy) else str(policy)
+
+
+def is_symbol(node: fx.Node) -> bool:
+    return is_sym_node(node)
+
+
+# ----------------------------------------------------------------------------- compilation
+
+
+def make_inductor_partitioner(fn: PartitionFn, uuid: Callable[[], Any]) -> CustomPartitionerFn:
+    """Wrap `fn(joint, joint_inputs, **kw)` as Inductor's `custom_partitioner_fn`."""
+
+    class GraphoptPartitioner(CustomPartitionerFn):
+        def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
+            return fn(gm, joint_inputs, **kwargs)
+
+        def uuid(self) -> Any:
+            return uuid()
+
+    return GraphoptPartitioner()
+
+
+def compile_with_inductor(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: CustomPartitionerFn, config_patches: dict | None = None
+) -> Callable:
+    """Inductor's full pipeline (joint-graph passes, decompositions, codegen) with our cut."""
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {"custom_partitioner_fn": partitioner, **(config_patches or {})}
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def compile_without_codegen(gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn) -> Callable:
+    """AOTAutograd with our cut and no code generation: the FX graphs run as Python.
+
+    Fast to compile, for tests and planning; memory is not freed early, so measure
+    memory only with Inductor.
+    """
+    from functorch.compile import make_boxed_func
+    from torch._decomp import core_aten_decompositions
+    from torch._dynamo.backends.common import aot_autograd
+
+    def run_graph(graph_module: fx.GraphModule, _inputs: Sequence[Any]) -> Callable:
+        return make_boxed_func(graph_module.forward)
+
+    backend = aot_autograd(
+        fw_compiler=run_graph,
+        bw_compiler=run_graph,
+        partition_fn=partition_fn,
+        decompositions=core_aten_decompositions(),
+    )
+    return backend(gm, example_inputs)

@@ -1,0 +1,127 @@
+"""The keep/recompute program on synthetic problems with known optima (no torch involved)."""
+
+import dataclasses
+import itertools
+
+import pytest
+
+from graphopt.problem import DROP, KEEP, RECOMPUTE, Candidate, Problem, evaluate, memory_timeline
+from graphopt.solver import greedy, least_peak, solve
+
+MB = 2**20
+
+
+def chain_problem(budget_bytes, num_layers=4, size=10 * MB, cost_ms=1.0):
+    """A chain a0 -> a1 -> ... ; the backward reads a_k at step (2L-1-k).
+
+    Recomputing a_(k+1) needs a_k, so a_k's window reaches back to a_(k+1)'s use (the
+    one-hop extension the analysis makes).
+    """
+    forward_steps = num_layers
+    candidates = []
+    for k in range(num_layers):
+        own_use = forward_steps + (num_layers - 1 - k)
+        first_use = own_use - 1 if k + 1 < num_layers else own_use
+        last_use = own_use
+        candidates.append(
+            Candidate(
+                name=f"a{k}",
+                size_bytes=size,
+                recompute_ms=cost_ms * (k + 1),
+                inputs=(k - 1,) if k else (),
+                free_at=k + 1 if k + 1 < forward_steps else k,
+                backward_first_use=first_use,
+                backward_last_use=last_use,
+                needed_by_backward=True,
+            )
+        )
+    base = tuple([0] * (2 * forward_steps))
+    return Problem(tuple(candidates), base, forward_steps, budget_bytes)
+
+
+def brute_force(problem):
+    best = None
+    for actions in itertools.product([KEEP, RECOMPUTE, DROP], repeat=len(problem.candidates)):
+        try:
+            solution = evaluate(problem, actions, "brute")
+        except ValueError:
+            continue
+        if problem.budget_bytes is not None and solution.peak_bytes > problem.budget_bytes:
+            continue
+        if best is None or solution.added_ms < best.added_ms - 1e-9:
+            best = solution
+    return best
+
+
+def test_loose_budget_keeps_everything():
+    solution = solve(chain_problem(1000 * MB))
+    assert solution.actions == (KEEP,) * 4
+    assert solution.added_ms == 0
+    assert solution.peak_bytes == 40 * MB
+
+
+@pytest.mark.parametrize("budget_mb", [40, 35, 30, 25, 20, 15, 10])
+def test_matches_brute_force(budget_mb):
+    problem = chain_problem(budget_mb * MB)
+    expected = brute_force(problem)
+    solution = solve(problem)
+    if expected is None:
+        assert solution is None
+        return
+    assert solution.peak_bytes <= budget_mb * MB
+    assert solution.added_ms == pytest.approx(expected.added_ms)
+
+
+def test_recomputed_tensor_needs_its_input():
+    problem = chain_problem(30 * MB)
+    solution = solve(problem)
+    for index, action in enumerate(solution.actions):
+        if action == RECOMPUTE:
+            for input_index in problem.candidates[index].inputs:
+                assert solution.actions[input_index] in (KEEP, RECOMPUTE)
+
+
+def test_infeasible_returns_none_and_least_peak_is_reported():
+    problem = chain_problem(5 * MB)
+    assert solve(problem) is None
+    best = least_peak(problem)
+    reachable = [
+        evaluate(problem, actions, "brute").peak_bytes
+        for actions in itertools.product([KEEP, RECOMPUTE], repeat=4)
+    ]
+    assert best.peak_bytes == min(reachable)
+    assert min(memory_timeline(problem, best.actions)) >= 0
+
+
+def test_base_memory_counts_at_its_step():
+    problem = chain_problem(1000 * MB)
+    base = list(problem.base_bytes)
+    base[5] = 100 * MB  # a transient spike during the backward
+    problem = Problem(problem.candidates, tuple(base), problem.num_forward_steps, 125 * MB)
+    solution = solve(problem)
+    assert solution.peak_bytes <= 125 * MB
+    assert solution.actions.count(KEEP) < 4
+
+
+def test_cannot_recompute_is_honoured():
+    problem = chain_problem(25 * MB)
+    frozen = tuple(
+        dataclasses.replace(c, can_recompute=False) if c.name == "a0" else c for c in problem.candidates
+    )
+    problem = Problem(frozen, problem.base_bytes, problem.num_forward_steps, problem.budget_bytes)
+    solution = solve(problem)
+    assert solution.actions[0] == KEEP
+
+
+def test_greedy_is_valid_and_within_budget():
+    problem = chain_problem(30 * MB)
+    solution = greedy(problem)
+    assert solution is not None and solution.peak_bytes <= 30 * MB
+    assert greedy(chain_problem(1 * MB)) is None
+
+
+def test_large_problem_solves_quickly():
+    problem = chain_problem(400 * MB, num_layers=300, size=2 * MB, cost_ms=0.01)
+    solution = solve(problem, time_limit_s=20)
+    assert solution is not None and solution.peak_bytes <= 400 * MB
+    assert solution.solve_s < 20
