@@ -1,0 +1,29 @@
+"""graphopt: a memory optimizer for PyTorch training graphs.
+
+    cm = graphopt.compile(model, memory_budget="2GB")
+    cm(x).sum().backward()
+    for plan in graphopt.plans(cm): print(plan)
+"""
+
+from .api import compile, plans
+from .budget import parse_budget
+from .errors import BudgetError, BudgetInfeasibleError, GraphoptError, HardwareError, PlanMismatchError
+from .measure import PeakMemory, measure_peak
+from .plan import Decision, Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetError",
+    "BudgetInfeasibleError",
+    "Decision",
+    "GraphoptError",
+    "HardwareError",
+    "PeakMemory",
+    "Plan",
+    "PlanMismatchError",
+    "compile",
+    "measure_peak",
+    "parse_budget",
+    "plans",
+]

@@ -1,8 +1,13 @@
 """Exceptions graphopt raises at users. Each message says what to do next."""
 
+from .torch_private import PassesThroughDynamo
 
-class GraphoptError(Exception):
-    """Base class of every error graphopt raises on purpose."""
+
+class GraphoptError(PassesThroughDynamo):
+    """Base class of every error graphopt raises on purpose.
+
+    Raised while torch.compile runs our backend, it still reaches the user as itself.
+    """
 
 
 class BudgetError(GraphoptError, ValueError):

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch._dynamo.exc
 import torch.fx as fx
 from torch._functorch import partitioners as _partitioners
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
@@ -125,6 +126,18 @@ def default_partition(
     )
 
 
+def min_cut_partition(joint: JointGraph, joint_inputs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """torch's default partitioner on an already prepared joint graph."""
+    static_indices = [i for i, p in enumerate(joint.primals) if p in joint.static_inputs]
+    return _partitioners.min_cut_rematerialization_partition(
+        joint.module,
+        joint_inputs,
+        compiler="inductor",
+        num_fwd_outputs=joint.num_fwd_outputs,
+        static_lifetime_input_indices=static_indices,
+    )
+
+
 # ----------------------------------------------------------------------------- op kinds
 
 
@@ -169,6 +182,14 @@ def is_symbol(node: fx.Node) -> bool:
 
 
 # ----------------------------------------------------------------------------- compilation
+
+
+class PassesThroughDynamo(torch._dynamo.exc.ShortenTraceback):
+    """An exception dynamo re-raises as is, instead of wrapping it in BackendCompilerFailed."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args, first_useful_frame=None)
+
 
 
 def make_inductor_partitioner(fn: PartitionFn, uuid: Callable[[], Any]) -> CustomPartitionerFn:

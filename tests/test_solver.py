@@ -104,13 +104,14 @@ def test_base_memory_counts_at_its_step():
 
 
 def test_cannot_recompute_is_honoured():
-    problem = chain_problem(25 * MB)
+    problem = chain_problem(30 * MB)
     frozen = tuple(
         dataclasses.replace(c, can_recompute=False) if c.name == "a0" else c for c in problem.candidates
     )
     problem = Problem(frozen, problem.base_bytes, problem.num_forward_steps, problem.budget_bytes)
     solution = solve(problem)
     assert solution.actions[0] == KEEP
+    assert solution.added_ms == pytest.approx(brute_force(problem).added_ms)
 
 
 def test_greedy_is_valid_and_within_budget():

@@ -62,3 +62,50 @@ def storage_owner(node: fx.Node) -> fx.Node:
 def tensor_dtype(node: fx.Node) -> torch.dtype | None:
     value = node.meta.get("val")
     return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def is_materialized(node: fx.Node, users: list[fx.Node] | tuple[fx.Node, ...]) -> bool:
+    """Whether Inductor gives the node's output a buffer of its own.
+
+    Pointwise chains fuse: a pointwise node read only by pointwise nodes (`users`, from
+    the same graph) is computed inside its consumers' kernel and never stored.
+    """
+    if allocated_bytes(node) == 0:
+        return False
+    if not users or not torch_private.is_fusible(node):
+        return True
+    return not all(torch_private.is_fusible(user) for user in users)
+
+
+def graph_timeline(graph_module: fx.GraphModule, *, count_inputs: bool) -> list[int]:
+    """Bytes in use after each node of one compiled graph, as Inductor frees them.
+
+    Every buffer is freed after its last reader (a view's readers keep what it views
+    alive); outputs live on. With ``count_inputs`` the graph's inputs are owned by it
+    (the backward's saved tensors are) and freed after their last use too.
+    """
+    nodes = list(graph_module.graph.nodes)
+    step = {node: i for i, node in enumerate(nodes)}
+    last_read: dict[fx.Node, int] = {}
+    output_node = nodes[-1]
+    for node in nodes:
+        for source in node.all_input_nodes:
+            owner = storage_owner(source)
+            reach = len(nodes) if node is output_node else step[node]
+            last_read[owner] = max(last_read.get(owner, -1), reach)
+    frees: dict[int, int] = {}
+    live, timeline = 0, []
+    for node in nodes:
+        if node.op == "placeholder":
+            size = value_bytes(node.meta.get("val")) if count_inputs else 0
+        elif node.op == "call_function":
+            size = allocated_bytes(node) if is_materialized(node, list(node.users)) else 0
+        else:
+            size = 0
+        live += size
+        timeline.append(live)
+        dies = last_read.get(node, step[node])
+        if size and dies < len(nodes):
+            frees[dies] = frees.get(dies, 0) + size
+        live -= frees.pop(step[node], 0)
+    return timeline

@@ -1,0 +1,196 @@
+"""Analysis of a joint graph: candidates, sizes, lifetimes and costs as a plain ``Problem``.
+
+The timeline is the forward's nodes in order, then the backward's. Memory that no
+decision changes (parameters, inputs, forward temporaries, backward temporaries,
+gradients) becomes ``base_bytes``; every forward tensor the backward reads, and every
+forward tensor it could be recomputed from, becomes a ``Candidate``.
+
+Modelling choices, each conservative or corrected later by simulating the real graphs:
+- Inductor fuses pointwise chains, so a pointwise node whose users are all pointwise in
+  the same pass is not counted as a temporary.
+- A recomputed tensor is recomputed just before the earliest backward use of itself or
+  of a tensor recomputed from it (one hop), and lives to its last such use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx as fx
+
+from . import torch_private
+from .cost_models import HardwareProfile, estimate_node_cost
+from .cost_models.memory import allocated_bytes, is_materialized, storage_owner, value_bytes
+from .problem import Candidate, Problem
+from .torch_private import JointGraph
+
+_CANNOT_SAVE_POLICIES = {"MUST_RECOMPUTE"}
+_CANNOT_RECOMPUTE_POLICIES = {"MUST_SAVE"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """A ``Problem`` plus what maps it back to the graph."""
+
+    problem: Problem
+    candidate_nodes: tuple[fx.Node, ...]
+    static_bytes: int  # graph inputs alive for the whole step
+    parameter_bytes: int
+    gradient_bytes: int
+    extra_static_bytes: int  # what other graphs keep alive during this one
+    timeline_nodes: tuple[fx.Node, ...]
+
+
+def analyze(joint: JointGraph, hardware: HardwareProfile, *, budget_bytes: int | None, extra_static_bytes: int = 0) -> Analysis:
+    timeline = joint.forward_nodes + joint.backward_nodes
+    position = {node: step for step, node in enumerate(timeline)}
+    num_forward = len(joint.forward_nodes)
+    end = len(timeline) - 1
+
+    static_bytes = sum(value_bytes(p.meta.get("val")) for p in joint.primals)
+    gradient_bytes = sum(allocated_bytes(n) for n in {storage_owner(o) for o in joint.backward_outputs})
+
+    uses = _uses_by_storage(timeline, position, num_forward)
+    base = [0] * (len(timeline) + 1)  # changes per step, summed below
+    forward_outputs = set(joint.forward_outputs)
+    backward_outputs = set(joint.backward_outputs)
+    free_at: dict[fx.Node, int] = {}
+    for node in joint.forward_nodes:
+        forward_uses = uses.forward.get(node, [])
+        last = num_forward - 1 if node in forward_outputs else max(forward_uses, default=position[node])
+        if _is_temporary(node, position, num_forward):
+            _add(base, position[node], last, allocated_bytes(node))
+            free_at[node] = last
+        else:
+            free_at[node] = position[node] - 1
+    for node in joint.backward_nodes:
+        last = end if node in backward_outputs else max(uses.backward.get(node, []), default=position[node])
+        if node in backward_outputs or _is_temporary(node, position, num_forward):
+            _add(base, position[node], last, allocated_bytes(node))
+    for tangent in joint.tangents:
+        _add(base, num_forward, max(uses.backward.get(tangent, []), default=num_forward), value_bytes(tangent.meta.get("val")))
+
+    base_bytes, running = [], static_bytes + extra_static_bytes
+    for change in base[:-1]:
+        running += change
+        base_bytes.append(running)
+
+    nodes = _candidate_nodes(joint, uses)
+    index = {node: i for i, node in enumerate(nodes)}
+    windows = _backward_windows(nodes, index, uses, num_forward)
+    candidates = tuple(
+        _candidate(node, index, uses, windows[node], free_at.get(node, position[node] - 1), hardware) for node in nodes
+    )
+    problem = Problem(candidates, tuple(base_bytes), num_forward, budget_bytes)
+    return Analysis(
+        problem, tuple(nodes), static_bytes, parameter_bytes(joint), gradient_bytes, extra_static_bytes, timeline
+    )
+
+
+def parameter_bytes(joint: JointGraph) -> int:
+    """Bytes of the parameters and buffers the graph reads (its static-lifetime inputs)."""
+    return sum(value_bytes(p.meta.get("val")) for p in joint.static_inputs)
+
+
+@dataclasses.dataclass
+class _Uses:
+    forward: dict[fx.Node, list[int]]  # storage owner -> steps of forward users
+    backward: dict[fx.Node, list[int]]  # storage owner -> steps of backward users
+
+
+def _uses_by_storage(timeline: tuple[fx.Node, ...], position: dict, num_forward: int) -> _Uses:
+    """Steps at which each storage is read, a view's readers counted for what it views."""
+    uses = _Uses({}, {})
+    for node in timeline:
+        step = position[node]
+        for source in node.all_input_nodes:
+            owner = storage_owner(source)
+            table = uses.forward if step < num_forward else uses.backward
+            table.setdefault(owner, []).append(step)
+            if owner is not source:  # the view itself is read too
+                table.setdefault(source, []).append(step)
+    return uses
+
+
+def _is_temporary(node: fx.Node, position: dict[fx.Node, int], num_forward: int) -> bool:
+    """Whether the node's output gets a buffer in its own pass (see ``is_materialized``)."""
+    in_forward = position[node] < num_forward
+    same_pass = [u for u in node.users if u in position and (position[u] < num_forward) == in_forward]
+    return is_materialized(node, same_pass) if same_pass else allocated_bytes(node) > 0
+
+
+def _add(changes: list[int], first: int, last: int, size: int) -> None:
+    """Record `size` bytes alive from step `first` through step `last`."""
+    changes[first] += size
+    changes[last + 1] -= size
+
+
+def _backward_windows(nodes: list[fx.Node], index: dict, uses: _Uses, num_forward: int) -> dict[fx.Node, tuple[int, int]]:
+    """First and last backward step each candidate must be available at if recomputed.
+
+    Its own backward reads, plus the first read of each tensor recomputed from it (one
+    hop). A pure ancestor, read by no backward op, takes its dependents' windows.
+    """
+    windows: dict[fx.Node, tuple[int, int]] = {}
+    for node in reversed(nodes):
+        own = uses.backward.get(node, [])
+        dependent_firsts = [
+            min(uses.backward[user]) if user in uses.backward else windows[user][0] for user in node.users if user in index
+        ]
+        if own:
+            reads = own + dependent_firsts
+            windows[node] = (min(reads), max(reads))
+        elif dependent_firsts:
+            windows[node] = (min(dependent_firsts), max(dependent_firsts))
+        else:
+            windows[node] = (num_forward, num_forward)
+    return windows
+
+
+def _candidate_nodes(joint: JointGraph, uses: _Uses) -> list[fx.Node]:
+    """Forward tensors the backward reads, closed over the forward tensors they come from."""
+    forward = set(joint.forward_nodes)
+    needed = [n for n in joint.forward_nodes if n in uses.backward and n.op == "call_function"]
+    chosen = set(needed)
+    stack = list(needed)
+    while stack:
+        for source in stack.pop().all_input_nodes:
+            if source in forward and source.op == "call_function" and source not in chosen:
+                chosen.add(source)
+                stack.append(source)
+    return [n for n in joint.forward_nodes if n in chosen]
+
+
+def _candidate(
+    node: fx.Node, index: dict, uses: _Uses, window: tuple[int, int], free_at: int, hardware: HardwareProfile
+) -> Candidate:
+    own = uses.backward.get(node, [])
+    first, last = window
+    policy = torch_private.checkpoint_policy(node)
+    value = node.meta.get("val")
+    is_tuple = isinstance(value, (list, tuple))
+    is_view = torch_private.is_view(node)
+    return Candidate(
+        name=node.name,
+        size_bytes=allocated_bytes(node),
+        recompute_ms=0.0 if is_view else _recompute_ms(node, hardware),
+        inputs=tuple(index[s] for s in node.all_input_nodes if s in index),
+        free_at=free_at,
+        backward_first_use=first,
+        backward_last_use=last,
+        needed_by_backward=bool(own),
+        can_recompute=not (
+            torch_private.is_random(node) or torch_private.must_stay_in_forward(node) or policy in _CANNOT_RECOMPUTE_POLICIES
+        ),
+        can_keep=not (is_tuple or is_view or policy in _CANNOT_SAVE_POLICIES),
+    )
+
+
+def _recompute_ms(node: fx.Node, hardware: HardwareProfile) -> float:
+    """Time to redo the node in the backward. Pointwise work fuses into its consumer's
+    kernel there, so it costs its arithmetic but no extra memory traffic or launch."""
+    cost = estimate_node_cost(node, hardware)
+    if torch_private.is_fusible(node):
+        dtype = next((v.dtype for v in [node.meta.get("val")] if hasattr(v, "dtype")), None)
+        return cost.flops / hardware.flops_per_s(dtype) * 1e3 if dtype is not None else 0.0
+    return cost.ms

@@ -1,0 +1,255 @@
+"""The planning step: joint graph in, forward and backward graphs plus a ``Plan`` out.
+
+Only this step decides. It analyses the joint graph into a plain problem, solves it,
+splits the graph with the chosen saved set, and checks the result by simulating the
+memory of the real forward and backward graphs; when the simulation exceeds what the
+program predicted, it tightens the program's budget by the difference and solves again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Sequence
+
+import torch.fx as fx
+
+from . import torch_private
+from .analysis import Analysis, analyze, parameter_bytes
+from .budget import format_bytes
+from .config import Options
+from .cost_models.memory import graph_timeline
+from .errors import BudgetInfeasibleError
+from .plan import Decision, Plan
+from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, memory_timeline
+from .solver import least_peak, solve
+
+log = logging.getLogger("graphopt")
+
+# How often the budget is tightened after simulating the split graphs.
+MAX_REPAIR_ROUNDS = 4
+
+
+@dataclasses.dataclass
+class Session:
+    """One ``graphopt.compile`` call: its options, and what its graphs planned so far.
+
+    Graph breaks give several joint graphs; tensors saved by earlier graphs stay alive
+    while later graphs run, so each graph plans against what the earlier ones keep.
+    """
+
+    options: Options
+    plans: list[Plan] = dataclasses.field(default_factory=list)
+    saved_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name
+
+    def other_graphs_bytes(self, graph: str, parameter_bytes: int) -> int:
+        earlier = sum(size for name, size in self.saved_bytes.items() if name != graph)
+        other_parameters = max(self.options.model_static_bytes - parameter_bytes, 0)
+        return earlier + other_parameters
+
+    def record(self, plan: Plan, saved_bytes: int) -> None:
+        self.plans = [p for p in self.plans if p.graph != plan.graph] + [plan]
+        self.saved_bytes[plan.graph] = saved_bytes
+
+
+def partition(
+    session: Session,
+    graph_name: str,
+    joint_module: fx.GraphModule,
+    joint_inputs: Sequence[object],
+    *,
+    num_fwd_outputs: int,
+    static_lifetime_input_indices: Sequence[int] | None = None,
+    **_: object,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """graphopt's partition function (the signature AOTAutograd and Inductor call)."""
+    joint = torch_private.prepare_joint_graph(
+        joint_module, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_lifetime_input_indices
+    )
+    if not torch_private.has_backward(joint):
+        return torch_private.default_partition(
+            joint.module, joint_inputs, num_fwd_outputs=num_fwd_outputs,
+            static_lifetime_input_indices=static_lifetime_input_indices,
+        )
+    options = session.options
+    extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint))
+    analysis = analyze(joint, options.hardware, budget_bytes=options.memory_budget_bytes, extra_static_bytes=extra)
+    if options.memory_budget_bytes is None:
+        solution, forward, backward, predicted_peak = _torch_default(joint, joint_inputs, analysis)
+    else:
+        solution, forward, backward, predicted_peak = _solve_and_split(joint, analysis, options)
+    plan = build_plan(graph_name, analysis, solution, predicted_peak, forward)
+    session.record(plan, sum(d.bytes for d in plan.decisions if d.action == "keep"))
+    log.info("%s", plan)
+    return forward, backward
+
+
+def _torch_default(joint, joint_inputs, analysis: Analysis):
+    """No budget: torch's own min-cut (the fastest known cut), described as a plan."""
+    forward, backward = torch_private.min_cut_partition(joint, joint_inputs)
+    saved = {n.name for n in backward.graph.find_nodes(op="placeholder")}
+    recomputed = {n.name for n in backward.graph.nodes if n.op == "call_function"}
+    actions = tuple(
+        KEEP if node.name in saved else RECOMPUTE if node.name in recomputed else DROP
+        for node in analysis.candidate_nodes
+    )
+    timeline = memory_timeline(analysis.problem, actions)
+    added_ms = sum(c.recompute_ms for c, a in zip(analysis.problem.candidates, actions) if a == RECOMPUTE)
+    solution = Solution(actions, max(timeline), added_ms, "torch-min-cut")
+    return solution, forward, backward, _simulate(analysis, forward, backward)
+
+
+def _solve_and_split(joint, analysis: Analysis, options: Options):
+    problem = analysis.problem
+    budget = options.memory_budget_bytes
+    target = budget
+    for _ in range(MAX_REPAIR_ROUNDS):
+        attempt = dataclasses.replace(problem, budget_bytes=target)
+        solution = solve(attempt, time_limit_s=options.solver_time_limit_s)
+        if solution is None:
+            break
+        forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution)
+        if predicted_peak <= budget:
+            return solution, forward, backward, predicted_peak
+        model_error = predicted_peak - solution.peak_bytes
+        target = min(target - 1, budget - model_error)
+        log.info("simulated peak %s exceeds the budget; replanning for %s", format_bytes(predicted_peak), format_bytes(target))
+    raise _infeasible(joint, analysis, options)
+
+
+def _split_and_simulate(joint, analysis: Analysis, solution: Solution):
+    saved = saved_nodes(joint, analysis, solution.actions)
+    forward, backward = torch_private.split_joint_graph(joint, saved)
+    return forward, backward, _simulate(analysis, forward, backward)
+
+
+def _simulate(analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule) -> int:
+    """Peak of the real split graphs, freed as Inductor frees them."""
+    static = analysis.static_bytes + analysis.extra_static_bytes
+    forward_peak = max(graph_timeline(forward, count_inputs=False), default=0)
+    backward_peak = max(graph_timeline(backward, count_inputs=True), default=0)
+    return static + max(forward_peak, backward_peak)
+
+
+def saved_nodes(joint, analysis: Analysis, actions: Sequence[str]) -> list[fx.Node]:
+    """Kept candidates, plus the graph inputs the backward or its recomputations read."""
+    kept = [node for node, action in zip(analysis.candidate_nodes, actions) if action == KEEP]
+    readers = list(joint.backward_nodes) + [n for n, a in zip(analysis.candidate_nodes, actions) if a == RECOMPUTE]
+    inputs = {s for reader in readers for s in reader.all_input_nodes if s.op == "placeholder"}
+    primals = [p for p in joint.primals if p in inputs]
+    return primals + kept
+
+
+def _infeasible(joint, analysis: Analysis, options: Options) -> BudgetInfeasibleError:
+    best = least_peak(analysis.problem, time_limit_s=options.solver_time_limit_s)
+    _, _, simulated = _split_and_simulate(joint, analysis, best)
+    timeline = memory_timeline(analysis.problem, best.actions)
+    peak_step = timeline.index(max(timeline))
+    breakdown = {
+        "parameters": analysis.parameter_bytes,
+        "inputs": analysis.static_bytes - analysis.parameter_bytes,
+        "other graphs": analysis.extra_static_bytes,
+        "activations and temporaries": max(timeline) - analysis.static_bytes - analysis.extra_static_bytes,
+    }
+    phase = "forward" if peak_step < analysis.problem.num_forward_steps else "backward"
+    parts = ", ".join(f"{kind} {format_bytes(size)}" for kind, size in breakdown.items())
+    least = max(simulated, best.peak_bytes)
+    return BudgetInfeasibleError(
+        f"no plan fits memory_budget={format_bytes(options.memory_budget_bytes)}: the least reachable peak is "
+        f"{format_bytes(least)} (at {phase} step {peak_step}: {parts}). Raise the budget to at least "
+        f"{format_bytes(least)}, or shrink the batch.",
+        least_peak_bytes=least,
+        breakdown=breakdown,
+    )
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def build_plan(graph: str, analysis: Analysis, solution: Solution, predicted_peak: int, forward: fx.GraphModule) -> Plan:
+    problem = analysis.problem
+    decisions = []
+    for node, candidate, action in zip(analysis.candidate_nodes, problem.candidates, solution.actions):
+        if action == DROP or candidate.size_bytes == 0:
+            continue
+        decisions.append(
+            Decision(
+                node=node.name,
+                tensor=tensor_name(node),
+                action=action,
+                bytes=candidate.size_bytes,
+                added_ms=candidate.recompute_ms if action == RECOMPUTE else 0.0,
+                reason=_reason(node, candidate, action, problem),
+                source=source_line(node),
+            )
+        )
+    memory = {
+        "parameters": analysis.parameter_bytes,
+        "inputs": analysis.static_bytes - analysis.parameter_bytes,
+        "gradients": analysis.gradient_bytes,
+        "other graphs": analysis.extra_static_bytes,
+    }
+    return Plan(
+        graph=graph,
+        budget_bytes=problem.budget_bytes,
+        predicted_peak_bytes=predicted_peak,
+        predicted_added_ms=solution.added_ms,
+        method=solution.method,
+        solve_s=solution.solve_s,
+        memory=memory,
+        decisions=tuple(decisions),
+        timeline_bytes=tuple(memory_timeline(problem, solution.actions)),
+        num_forward_steps=problem.num_forward_steps,
+    )
+
+
+def _reason(node: fx.Node, candidate, action: str, problem: Problem) -> str:
+    if action == KEEP:
+        if torch_private.is_random(node):
+            return "kept: a random draw, the backward must see the same values"
+        policy = torch_private.checkpoint_policy(node)
+        if policy == "MUST_SAVE":
+            return "kept: the user's checkpoint policy says MUST_SAVE"
+        if not candidate.can_recompute:
+            return "kept: cannot be recomputed (must stay in the forward)"
+        return f"kept: recomputing would add {candidate.recompute_ms:.3f} ms and the budget has room"
+    span = candidate.backward_last_use - candidate.free_at
+    return (
+        f"recompute: {candidate.recompute_ms:.3f} ms to redo, frees {format_bytes(candidate.size_bytes)} "
+        f"for {span} of {problem.num_steps} steps"
+    )
+
+
+def tensor_name(node: fx.Node) -> str:
+    """Module path and op: ``layers.0.mlp.fc1: addmm``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = ""
+    if stack:
+        raw = list(stack.values())[-1][0]
+        path = _clean_module_path(raw)
+    op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    return f"{path}: {op}" if path else f"{node.name}: {op}"
+
+
+def _clean_module_path(raw: str) -> str:
+    path = raw.replace("L['self']", "").replace("L['fn']", "")
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"getattr\(([^,]+), '([^']+)'\)", r"\1.\2", path)
+    return path.strip(".")
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def source_line(node: fx.Node) -> str | None:
+    """The user's source line that produced the node ("model.py:41")."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    frames = _FRAME.findall(trace)
+    if not frames:
+        return None
+    filename, line = frames[-1]
+    return f"{filename.rsplit('/', 1)[-1]}:{line}"
