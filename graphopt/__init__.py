@@ -5,13 +5,13 @@
     for plan in graphopt.plans(cm): print(plan)
 """
 
-from .api import compile, plans
+__version__ = "0.1.0"
+
+from .api import compile, plans  # noqa: E402
 from .budget import parse_budget
 from .errors import BudgetError, BudgetInfeasibleError, GraphoptError, HardwareError, PlanMismatchError
 from .measure import PeakMemory, measure_peak
 from .plan import Decision, Plan
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BudgetError",

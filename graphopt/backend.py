@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from . import torch_private
+from . import __version__, torch_private
 from .config import Options, make_options
 from .planner import Session, partition
 
@@ -30,10 +30,8 @@ class GraphoptBackend:
         partition_fn = functools.partial(partition, self.session, graph_name)
         if self.session.options.compiler == "eager":
             return torch_private.compile_without_codegen(graph_module, example_inputs, partition_fn)
-        # The plan depends on the session (earlier graphs, budget); return no cache key so
-        # Inductor's caches never serve a plan made for other inputs, and every graph is planned.
-        partitioner = torch_private.make_inductor_partitioner(partition_fn, uuid=lambda: None)
-        return torch_private.compile_with_inductor(graph_module, example_inputs, partitioner)
+        uuid = f"graphopt-{__version__}-{self.session.options.cache_key()}-{graph_name}"
+        return torch_private.compile_with_inductor(graph_module, example_inputs, partition_fn, uuid)
 
 
 def graphopt_backend(graph_module: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None) -> Callable:

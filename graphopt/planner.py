@@ -180,7 +180,7 @@ def build_plan(graph: str, analysis: Analysis, solution: Solution, predicted_pea
                 action=action,
                 bytes=candidate.size_bytes,
                 added_ms=candidate.recompute_ms if action == RECOMPUTE else 0.0,
-                reason=_reason(node, candidate, action, problem),
+                reason=_reason(node, candidate, action, problem, solution.method),
                 source=source_line(node),
             )
         )
@@ -204,7 +204,9 @@ def build_plan(graph: str, analysis: Analysis, solution: Solution, predicted_pea
     )
 
 
-def _reason(node: fx.Node, candidate, action: str, problem: Problem) -> str:
+def _reason(node: fx.Node, candidate, action: str, problem: Problem, method: str) -> str:
+    if method == "torch-min-cut":
+        return f"{'kept' if action == KEEP else 'recomputed'} by torch's min-cut (no budget given)"
     if action == KEEP:
         if torch_private.is_random(node):
             return "kept: a random draw, the backward must see the same values"
@@ -233,10 +235,13 @@ def tensor_name(node: fx.Node) -> str:
 
 
 def _clean_module_path(raw: str) -> str:
-    path = raw.replace("L['self']", "").replace("L['fn']", "")
+    previous = None
+    path = raw
+    while path != previous:  # getattr(getattr(L['self'].a, '0'), 'b') nests
+        previous, path = path, re.sub(r"getattr\(([^,()]+), '([^']+)'\)", r"\1.\2", path)
+    path = re.sub(r"^L\['[^']+'\]", "", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"getattr\(([^,]+), '([^']+)'\)", r"\1.\2", path)
     return path.strip(".")
 
 

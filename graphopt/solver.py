@@ -73,7 +73,7 @@ def least_peak(problem: Problem, *, time_limit_s: float = 30.0) -> Solution:
 
 
 def _solver(time_limit_s: float, relative_gap: float) -> pulp.LpSolver:
-    highs = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=relative_gap)
+    highs = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=relative_gap, output_flag=False)
     if highs.available():
         return highs
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=relative_gap)

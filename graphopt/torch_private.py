@@ -9,11 +9,13 @@ without code generation.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch._dynamo.exc
+import torch._functorch.config
 import torch.fx as fx
 from torch._functorch import partitioners as _partitioners
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
@@ -58,8 +60,11 @@ def prepare_joint_graph(
     _partitioners.force_save_bw_mutation_src(joint)
     node_info = _partitioners.classify_nodes(joint, list(static_lifetime_input_indices or []), num_fwd_outputs)
     fwd_outputs, bwd_outputs, _, _ = _partitioners._extract_fwd_bwd_outputs(joint, num_fwd_outputs=num_fwd_outputs)
-    forward = tuple(node_info.required_fw_nodes)
-    forward_set = set(forward)
+    forward_set = set(node_info.required_fw_nodes)
+    # A getitem of a forward op read only by the backward (attention's logsumexp) is
+    # classified backward; it is free and belongs with its op.
+    forward_set.update(n for n in joint.graph.nodes if _is_getitem(n) and n.args[0] in forward_set)
+    forward = tuple(n for n in joint.graph.nodes if n in forward_set)
     backward = tuple(
         n for n in joint.graph.nodes if n.op == "call_function" and n not in forward_set and _in_backward(n, node_info)
     )
@@ -76,6 +81,10 @@ def prepare_joint_graph(
         backward_outputs=tuple(n for n in bwd_outputs if isinstance(n, fx.Node)),
         node_info=node_info,
     )
+
+
+def _is_getitem(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem
 
 
 def _in_backward(node: fx.Node, node_info: Any) -> bool:
@@ -192,27 +201,37 @@ class PassesThroughDynamo(torch._dynamo.exc.ShortenTraceback):
 
 
 
-def make_inductor_partitioner(fn: PartitionFn, uuid: Callable[[], Any]) -> CustomPartitionerFn:
-    """Wrap `fn(joint, joint_inputs, **kw)` as Inductor's `custom_partitioner_fn`."""
+class _Partitioner(CustomPartitionerFn):
+    """Inductor's `custom_partitioner_fn` calling `fn(joint, joint_inputs, **kw)`."""
 
-    class GraphoptPartitioner(CustomPartitionerFn):
-        def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
-            return fn(gm, joint_inputs, **kwargs)
+    def __init__(self, fn: PartitionFn, uuid: str):
+        self._fn = fn
+        self._uuid = uuid
 
-        def uuid(self) -> Any:
-            return uuid()
+    def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
+        return self._fn(gm, joint_inputs, **kwargs)
 
-    return GraphoptPartitioner()
+    def uuid(self) -> str:
+        return self._uuid
+
+    def __deepcopy__(self, memo: dict) -> _Partitioner:
+        # Inductor's config.patch deep-copies values; ours holds the session it plans
+        # into, which must stay shared.
+        return self
 
 
-def compile_with_inductor(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: CustomPartitionerFn, config_patches: dict | None = None
-) -> Callable:
-    """Inductor's full pipeline (joint-graph passes, decompositions, codegen) with our cut."""
+def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn, uuid: str) -> Callable:
+    """Inductor's full pipeline (joint-graph passes, decompositions, codegen) with our cut.
+
+    AOTAutograd's cache is off while compiling: a hit would skip the partitioner, and
+    with it the plan the user asks for. Inductor's own caches key on the split graphs,
+    which are correct whoever split them; `uuid` names every input of the plan.
+    """
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {"custom_partitioner_fn": partitioner, **(config_patches or {})}
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    patches = {"custom_partitioner_fn": _Partitioner(partition_fn, uuid)}
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def compile_without_codegen(gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn) -> Callable:

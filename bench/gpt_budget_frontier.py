@@ -1,0 +1,260 @@
+"""Peak memory and step time of a small GPT: torch's activation-memory budget vs graphopt.
+
+    cd <repo root> && python -m bench.gpt_budget_frontier [--steps 10] [--warmup 2] \\
+        [--out bench/results/gpt_budget_frontier.csv] [--configs torch-amb-1.0,graphopt-300000000]
+
+Model: ``examples.gpt.build()`` defaults (4 layers, d_model 256, 4 heads, vocab 2048,
+batch 8 x seq 512), fp32, CPU, ``torch.manual_seed(0)``. One training step is
+``model.zero_grad(set_to_none=True); loss = compiled(*inputs); loss.backward()``.
+
+Each configuration runs in its own process, started with ``MALLOC_MMAP_THRESHOLD_=65536``
+so freed tensors leave the process and the resident high-water mark tracks live tensors
+(see ``graphopt.measure``). A child warms up (the first step compiles), measures the peak
+of one step above the resident size before it (parameters, inputs and the compiled code
+are outside it; the step's gradients are inside), then times ``--steps`` steps (median).
+
+Configurations:
+  torch-amb-<v>     ``torch.compile(model)`` with ``torch._functorch.config.activation_memory_budget = v``
+  graphopt-<bytes>  ``graphopt.compile(model, memory_budget=<bytes>)``
+
+The default run measures torch at 1.0, 0.5, 0.2 and 0.0, then graphopt once per torch
+point with budget = parameter bytes + the peak torch measured there. A graphopt point is
+ok when its measured peak (with parameters) is within its budget and its median step is no
+slower than that torch point's.
+
+Anchors, torch measured on this kind of machine (2-core CPU, peak with parameters / median
+step): amb 1.0: 302 MB / 899 ms; 0.5: 206 MB / 996 ms; 0.2: 190 MB / 1656 ms; 0.0: 298 MB / 1246 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TORCH_AMB_VALUES = (1.0, 0.5, 0.2, 0.0)
+TORCH_REFERENCE = "torch-amb-1.0"
+CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+MEGABYTE = 1_000_000
+CSV_FIELDS = (
+    "config", "reference", "budget_bytes", "param_bytes", "peak_bytes", "peak_with_params_bytes",
+    "median_step_ms", "time_ratio_vs_torch_amb_1_0", "compile_s", "predicted_peak_bytes", "ok", "error",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------- child: one configuration
+
+
+def _compile_torch(model: Any, inputs: tuple, amb: float, train_step) -> tuple[Any, float]:
+    import torch
+
+    # Compilation is lazy: the budget must be set while the first step traces and partitions.
+    with torch._functorch.config.patch(activation_memory_budget=amb):
+        compiled = torch.compile(model)
+        start = time.perf_counter()
+        train_step(model, compiled, inputs)
+        compile_s = time.perf_counter() - start
+    return compiled, compile_s
+
+
+def _compile_graphopt(model: Any, inputs: tuple, budget_bytes: int, train_step, graphopt_compile) -> tuple[Any, float]:
+    compiled = graphopt_compile(model, memory_budget=budget_bytes)
+    start = time.perf_counter()
+    train_step(model, compiled, inputs)
+    return compiled, time.perf_counter() - start
+
+
+def _predicted_peaks(compiled: Any) -> list[int] | None:
+    import graphopt
+
+    try:
+        return [plan.predicted_peak_bytes for plan in graphopt.plans(compiled)]
+    except (AttributeError, graphopt.GraphoptError):
+        return None
+
+
+def _train_step(model: Any, compiled: Any, inputs: tuple) -> None:
+    model.zero_grad(set_to_none=True)
+    loss = compiled(*inputs)
+    loss.backward()
+
+
+def run_child(config: str, steps: int, warmup: int) -> dict[str, Any]:
+    """Compile, measure and time one configuration in this process."""
+    import torch
+
+    from examples.gpt import build
+    from graphopt.measure import measure_peak
+
+    torch.manual_seed(0)
+    model, inputs = build()
+    model.train()
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    result: dict[str, Any] = {"config": config, "param_bytes": param_bytes}
+
+    kind, _, value = config.rpartition("-")
+    if kind == "torch-amb":
+        compiled, compile_s = _compile_torch(model, inputs, float(value), _train_step)
+    elif kind == "graphopt":
+        try:  # graphopt.compile is written alongside this benchmark; report, don't crash
+            from graphopt import compile as graphopt_compile
+        except ImportError as error:
+            return {**result, "error": f"graphopt.compile unavailable: {error}"}
+        compiled, compile_s = _compile_graphopt(model, inputs, int(value), _train_step, graphopt_compile)
+        result["predicted_peak_bytes"] = _predicted_peaks(compiled)
+    else:
+        return {**result, "error": f"unknown configuration {config!r}"}
+    result["compile_s"] = compile_s
+
+    for _ in range(max(warmup - 1, 0)):
+        _train_step(model, compiled, inputs)
+    # Drop the last step's gradients first, so the baseline holds parameters and inputs only
+    # and the measured peak includes the gradients this step makes.
+    model.zero_grad(set_to_none=True)
+    _, memory = measure_peak(lambda: _train_step(model, compiled, inputs), device="cpu")
+    result["peak_bytes"] = memory.peak_bytes
+    result["baseline_bytes"] = memory.baseline_bytes
+
+    step_ms = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        _train_step(model, compiled, inputs)
+        step_ms.append((time.perf_counter() - start) * 1000)
+    result["median_step_ms"] = statistics.median(step_ms)
+    return result
+
+
+# ---------------------------------------------------------------- parent: the sweep
+
+
+def run_config(config: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one configuration in a fresh process and return its JSON line."""
+    command = [sys.executable, "-m", "bench.gpt_budget_frontier", "--child", config,
+               "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+    print(f"running {config} ...", file=sys.stderr, flush=True)
+    try:
+        completed = subprocess.run(
+            command, cwd=REPO_ROOT, env={**os.environ, **CHILD_ENVIRONMENT},
+            capture_output=True, text=True, timeout=args.child_timeout_s, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"config": config, "error": f"timed out after {args.child_timeout_s} s"}
+    json_lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not json_lines:
+        tail = " | ".join(completed.stderr.strip().splitlines()[-5:])
+        return {"config": config, "error": f"exit {completed.returncode}: {tail}"}
+    return json.loads(json_lines[-1])
+
+
+def graphopt_config_for(torch_result: dict[str, Any]) -> str | None:
+    """The graphopt configuration whose budget is what torch reached: parameters + its peak."""
+    if "error" in torch_result:
+        return None
+    return f"graphopt-{torch_result['param_bytes'] + torch_result['peak_bytes']}"
+
+
+def run_sweep(configs: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run `configs`; after each torch point of a default sweep, its graphopt counterpart."""
+    results = []
+    for config in configs:
+        result = run_config(config, args)
+        results.append(result)
+        if args.default_sweep and config.startswith("torch-amb-"):
+            graphopt_config = graphopt_config_for(result)
+            if graphopt_config is not None:
+                results.append({**run_config(graphopt_config, args), "reference": config})
+    return results
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One CSV row per result, with peaks including parameters, time ratios and the verdict."""
+    by_config = {r["config"]: r for r in results}
+    reference_ms = by_config.get(TORCH_REFERENCE, {}).get("median_step_ms")
+    rows = []
+    for result in results:
+        row = {field: result.get(field) for field in CSV_FIELDS}
+        if result.get("peak_bytes") is not None:
+            row["peak_with_params_bytes"] = result["peak_bytes"] + result["param_bytes"]
+        if reference_ms and result.get("median_step_ms") is not None:
+            row["time_ratio_vs_torch_amb_1_0"] = result["median_step_ms"] / reference_ms
+        if result["config"].startswith("graphopt-") and result["config"].rpartition("-")[2].isdigit():
+            row["budget_bytes"] = int(result["config"].rpartition("-")[2])
+            row["ok"] = _verdict(row, by_config.get(result.get("reference", "")))
+        if isinstance(row["predicted_peak_bytes"], list):
+            row["predicted_peak_bytes"] = max(row["predicted_peak_bytes"], default=None)
+        rows.append(row)
+    return rows
+
+
+def _verdict(row: dict[str, Any], torch_point: dict[str, Any] | None) -> str:
+    if row["error"] or row["peak_with_params_bytes"] is None:
+        return "not-ok"
+    within_budget = row["peak_with_params_bytes"] <= row["budget_bytes"]
+    as_fast = torch_point is None or row["median_step_ms"] <= torch_point.get("median_step_ms", float("inf"))
+    return "ok" if within_budget and as_fast else "not-ok"
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def megabytes(value: int | None) -> str:
+        return "-" if value is None else f"{value / MEGABYTE:.0f}"
+
+    lines = [f"{'config':<24} {'budget MB':>9} {'peak MB':>8} {'pred MB':>8} {'median ms':>10} {'x amb1.0':>9}  ok"]
+    for row in rows:
+        median = "-" if row["median_step_ms"] is None else f"{row['median_step_ms']:.0f}"
+        ratio = "-" if row["time_ratio_vs_torch_amb_1_0"] is None else f"{row['time_ratio_vs_torch_amb_1_0']:.2f}"
+        lines.append(
+            f"{row['config']:<24} {megabytes(row['budget_bytes']):>9} {megabytes(row['peak_with_params_bytes']):>8} "
+            f"{megabytes(row['predicted_peak_bytes']):>8} {median:>10} {ratio:>9}  {row['ok'] or ''}"
+        )
+        if row["error"]:
+            lines.append(f"    error: {row['error']}")
+    return "\n".join(lines)
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before measuring, the compiling one included")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "gpt_budget_frontier.csv")
+    parser.add_argument("--configs", help="comma-separated configurations (default: the torch sweep + graphopt)")
+    parser.add_argument("--child-timeout-s", type=float, default=3600.0, help="limit for one configuration")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one configuration here
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    if args.child:
+        try:
+            result = run_child(args.child, args.steps, args.warmup)
+        except Exception as error:  # reported as data so the sweep goes on
+            result = {"config": args.child, "error": f"{type(error).__name__}: {error}"}
+        print(json.dumps(result), flush=True)
+        return 0
+    args.default_sweep = args.configs is None
+    configs = [f"torch-amb-{v}" for v in TORCH_AMB_VALUES] if args.default_sweep else args.configs.split(",")
+    rows = summarize(run_sweep(configs, args))
+    write_csv(rows, args.out)
+    print(format_table(rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
