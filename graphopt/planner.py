@@ -75,9 +75,8 @@ def partition(
     options = session.options
     extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint))
     analysis = analyze(joint, options.hardware, budget_bytes=options.memory_budget_bytes, extra_static_bytes=extra)
-    if options.memory_budget_bytes is None:
-        solution, forward, backward, predicted_peak = _torch_default(joint, joint_inputs, analysis)
-    else:
+    solution, forward, backward, predicted_peak = _torch_default(joint, joint_inputs, analysis)
+    if options.memory_budget_bytes is not None and predicted_peak > options.memory_budget_bytes:
         solution, forward, backward, predicted_peak = _solve_and_split(joint, analysis, options)
     plan = build_plan(graph_name, analysis, solution, predicted_peak, forward)
     session.record(plan, sum(d.bytes for d in plan.decisions if d.action == "keep"))
@@ -86,7 +85,11 @@ def partition(
 
 
 def _torch_default(joint, joint_inputs, analysis: Analysis):
-    """No budget: torch's own min-cut (the fastest known cut), described as a plan."""
+    """torch's own min-cut, described as a plan.
+
+    It is the fastest cut torch knows (it also weighs fusion, which our cost model does
+    not), so whenever it fits the budget graphopt takes it and adds no time.
+    """
     forward, backward = torch_private.min_cut_partition(joint, joint_inputs)
     saved = {n.name for n in backward.graph.find_nodes(op="placeholder")}
     recomputed = {n.name for n in backward.graph.nodes if n.op == "call_function"}
@@ -144,20 +147,20 @@ def saved_nodes(joint, analysis: Analysis, actions: Sequence[str]) -> list[fx.No
 def _infeasible(joint, analysis: Analysis, options: Options) -> BudgetInfeasibleError:
     best = least_peak(analysis.problem, time_limit_s=options.solver_time_limit_s)
     _, _, simulated = _split_and_simulate(joint, analysis, best)
+    least = max(simulated, best.peak_bytes)
     timeline = memory_timeline(analysis.problem, best.actions)
     peak_step = timeline.index(max(timeline))
+    phase = "forward" if peak_step < analysis.problem.num_forward_steps else "backward"
     breakdown = {
         "parameters": analysis.parameter_bytes,
         "inputs": analysis.static_bytes - analysis.parameter_bytes,
         "other graphs": analysis.extra_static_bytes,
-        "activations and temporaries": max(timeline) - analysis.static_bytes - analysis.extra_static_bytes,
     }
-    phase = "forward" if peak_step < analysis.problem.num_forward_steps else "backward"
+    breakdown["activations, gradients and temporaries"] = least - sum(breakdown.values())
     parts = ", ".join(f"{kind} {format_bytes(size)}" for kind, size in breakdown.items())
-    least = max(simulated, best.peak_bytes)
     return BudgetInfeasibleError(
         f"no plan fits memory_budget={format_bytes(options.memory_budget_bytes)}: the least reachable peak is "
-        f"{format_bytes(least)} (at {phase} step {peak_step}: {parts}). Raise the budget to at least "
+        f"{format_bytes(least)} (in the {phase}: {parts}). Raise the budget to at least "
         f"{format_bytes(least)}, or shrink the batch.",
         least_peak_bytes=least,
         breakdown=breakdown,
@@ -206,7 +209,7 @@ def build_plan(graph: str, analysis: Analysis, solution: Solution, predicted_pea
 
 def _reason(node: fx.Node, candidate, action: str, problem: Problem, method: str) -> str:
     if method == "torch-min-cut":
-        return f"{'kept' if action == KEEP else 'recomputed'} by torch's min-cut (no budget given)"
+        return f"{'kept' if action == KEEP else 'recomputed'} by torch's min-cut, which fits the budget"
     if action == KEEP:
         if torch_private.is_random(node):
             return "kept: a random draw, the backward must see the same values"

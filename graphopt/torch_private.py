@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 import torch._dynamo.exc
-import torch._functorch.config
 import torch.fx as fx
+from torch._functorch import config as _functorch_config
 from torch._functorch import partitioners as _partitioners
+from torch._functorch.compile_utils import fx_graph_cse
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch.fx.experimental.proxy_tensor import is_sym_node
 from torch.utils.checkpoint import CheckpointPolicy
@@ -52,6 +53,8 @@ def prepare_joint_graph(
 ) -> JointGraph:
     """Clean the joint graph the way torch's partitioners do, then classify it."""
     joint.graph.eliminate_dead_code()
+    if _functorch_config.cse:
+        joint.graph = fx_graph_cse(joint.graph)
     joint.recompile()
     if _partitioners.has_recomputable_ops(joint):
         joint = _partitioners.cleanup_recompute_tags(joint, is_default_partition=False)
@@ -138,13 +141,15 @@ def default_partition(
 def min_cut_partition(joint: JointGraph, joint_inputs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
     """torch's default partitioner on an already prepared joint graph."""
     static_indices = [i for i, p in enumerate(joint.primals) if p in joint.static_inputs]
-    return _partitioners.min_cut_rematerialization_partition(
-        joint.module,
-        joint_inputs,
-        compiler="inductor",
-        num_fwd_outputs=joint.num_fwd_outputs,
-        static_lifetime_input_indices=static_indices,
-    )
+    # The graph is already CSE'd; a second CSE would replace its nodes under our feet.
+    with _functorch_config.patch(cse=False):
+        return _partitioners.min_cut_rematerialization_partition(
+            joint.module,
+            joint_inputs,
+            compiler="inductor",
+            num_fwd_outputs=joint.num_fwd_outputs,
+            static_lifetime_input_indices=static_indices,
+        )
 
 
 # ----------------------------------------------------------------------------- op kinds
@@ -230,7 +235,7 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], par
     from torch._inductor.compile_fx import compile_fx
 
     patches = {"custom_partitioner_fn": _Partitioner(partition_fn, uuid)}
-    with torch._functorch.config.patch(enable_autograd_cache=False):
+    with _functorch_config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 
