@@ -39,6 +39,7 @@ class Analysis:
     gradient_bytes: int
     extra_static_bytes: int  # what other graphs keep alive during this one
     timeline_nodes: tuple[fx.Node, ...]
+    static_input_nodes: tuple[fx.Node, ...]  # graph inputs: parameters, buffers, the batch
 
 
 def analyze(joint: JointGraph, hardware: HardwareProfile, *, budget_bytes: int | None, extra_static_bytes: int = 0) -> Analysis:
@@ -78,12 +79,21 @@ def analyze(joint: JointGraph, hardware: HardwareProfile, *, budget_bytes: int |
     nodes = _candidate_nodes(joint, uses)
     index = {node: i for i, node in enumerate(nodes)}
     windows = _backward_windows(nodes, index, uses, num_forward)
+    mutated = torch_private.mutated_inputs(joint)
     candidates = tuple(
-        _candidate(node, index, uses, windows[node], free_at.get(node, position[node] - 1), hardware) for node in nodes
+        _candidate(node, index, uses, windows[node], free_at.get(node, position[node] - 1), hardware, mutated)
+        for node in nodes
     )
     problem = Problem(candidates, tuple(base_bytes), num_forward, budget_bytes)
     return Analysis(
-        problem, tuple(nodes), static_bytes, parameter_bytes(joint), gradient_bytes, extra_static_bytes, timeline
+        problem,
+        tuple(nodes),
+        static_bytes,
+        parameter_bytes(joint),
+        gradient_bytes,
+        extra_static_bytes,
+        timeline,
+        joint.primals,
     )
 
 
@@ -162,7 +172,13 @@ def _candidate_nodes(joint: JointGraph, uses: _Uses) -> list[fx.Node]:
 
 
 def _candidate(
-    node: fx.Node, index: dict, uses: _Uses, window: tuple[int, int], free_at: int, hardware: HardwareProfile
+    node: fx.Node,
+    index: dict,
+    uses: _Uses,
+    window: tuple[int, int],
+    free_at: int,
+    hardware: HardwareProfile,
+    mutated: frozenset[fx.Node],
 ) -> Candidate:
     own = uses.backward.get(node, [])
     first, last = window
@@ -180,7 +196,11 @@ def _candidate(
         backward_last_use=last,
         needed_by_backward=bool(own),
         can_recompute=not (
-            torch_private.is_random(node) or torch_private.must_stay_in_forward(node) or policy in _CANNOT_RECOMPUTE_POLICIES
+            torch_private.is_random(node)
+            or torch_private.must_stay_in_forward(node)
+            or policy in _CANNOT_RECOMPUTE_POLICIES
+            # the forward writes that input in place: the backward would read the new value
+            or any(source in mutated for source in node.all_input_nodes)
         ),
         can_keep=not (is_tuple or is_view or policy in _CANNOT_SAVE_POLICIES),
     )

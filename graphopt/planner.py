@@ -19,7 +19,7 @@ from . import torch_private
 from .analysis import Analysis, analyze, parameter_bytes
 from .budget import format_bytes
 from .config import Options
-from .cost_models.memory import graph_timeline
+from .cost_models.memory import graph_timeline, storage_owner
 from .errors import BudgetInfeasibleError
 from .plan import Decision, Plan
 from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, memory_timeline
@@ -28,7 +28,7 @@ from .solver import least_peak, solve
 log = logging.getLogger("graphopt")
 
 # How often the budget is tightened after simulating the split graphs.
-MAX_REPAIR_ROUNDS = 4
+MAX_REPAIR_ROUNDS = 8
 
 
 @dataclasses.dataclass
@@ -77,7 +77,7 @@ def partition(
     analysis = analyze(joint, options.hardware, budget_bytes=options.memory_budget_bytes, extra_static_bytes=extra)
     solution, forward, backward, predicted_peak = _torch_default(joint, joint_inputs, analysis)
     if options.memory_budget_bytes is not None and predicted_peak > options.memory_budget_bytes:
-        solution, forward, backward, predicted_peak = _solve_and_split(joint, analysis, options)
+        solution, forward, backward, predicted_peak = _solve_and_split(joint, analysis, options, predicted_peak)
     plan = build_plan(graph_name, analysis, solution, predicted_peak, forward)
     session.record(plan, sum(d.bytes for d in plan.decisions if d.action == "keep"))
     log.info("%s", plan)
@@ -103,22 +103,32 @@ def _torch_default(joint, joint_inputs, analysis: Analysis):
     return solution, forward, backward, _simulate(analysis, forward, backward)
 
 
-def _solve_and_split(joint, analysis: Analysis, options: Options):
+def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: int):
+    """Solve; if the split graphs' simulated peak exceeds the budget, tighten and solve again.
+
+    The program's memory model is approximate (see docs/design.md); the simulation of the
+    real graphs is the judge. Each round lowers the program's budget by what the last
+    plan overshot. `default_peak` is torch's min-cut peak, the first point of reference.
+    """
     problem = analysis.problem
     budget = options.memory_budget_bytes
     target = budget
+    least = default_peak
     for _ in range(MAX_REPAIR_ROUNDS):
-        attempt = dataclasses.replace(problem, budget_bytes=target)
-        solution = solve(attempt, time_limit_s=options.solver_time_limit_s)
+        solution = solve(dataclasses.replace(problem, budget_bytes=target), time_limit_s=options.solver_time_limit_s)
         if solution is None:
             break
         forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution)
         if predicted_peak <= budget:
             return solution, forward, backward, predicted_peak
-        model_error = predicted_peak - solution.peak_bytes
-        target = min(target - 1, budget - model_error)
+        least = min(least, predicted_peak)
+        target = min(target, solution.peak_bytes) - (predicted_peak - budget)
         log.info("simulated peak %s exceeds the budget; replanning for %s", format_bytes(predicted_peak), format_bytes(target))
-    raise _infeasible(joint, analysis, options)
+    best = least_peak(problem, time_limit_s=options.solver_time_limit_s)
+    forward, backward, predicted_peak = _split_and_simulate(joint, analysis, best)
+    if predicted_peak <= budget:
+        return best, forward, backward, predicted_peak
+    raise _infeasible(analysis, options, min(least, predicted_peak), best)
 
 
 def _split_and_simulate(joint, analysis: Analysis, solution: Solution):
@@ -130,9 +140,26 @@ def _split_and_simulate(joint, analysis: Analysis, solution: Solution):
 def _simulate(analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule) -> int:
     """Peak of the real split graphs, freed as Inductor frees them."""
     static = analysis.static_bytes + analysis.extra_static_bytes
-    forward_peak = max(graph_timeline(forward, count_inputs=False), default=0)
-    backward_peak = max(graph_timeline(backward, count_inputs=True), default=0)
+    forward_peak = max(graph_timeline(forward), default=0)
+    backward_peak = max(graph_timeline(backward, _backward_owned_inputs(analysis, backward)), default=0)
     return static + max(forward_peak, backward_peak)
+
+
+def _backward_owned_inputs(analysis: Analysis, backward: fx.GraphModule) -> dict[str, object]:
+    """The backward's inputs it owns (saved tensors, tangents), keyed by storage.
+
+    A saved view and what it views are one storage; graph inputs (parameters, the
+    batch) are static memory, counted already.
+    """
+    joint_nodes = {node.name: node for node in analysis.timeline_nodes}
+    static_names = {n.name for n in analysis.static_input_nodes}
+    owned = {}
+    for placeholder in backward.graph.find_nodes(op="placeholder"):
+        if placeholder.name in static_names:
+            continue
+        joint_node = joint_nodes.get(placeholder.name)
+        owned[placeholder.name] = storage_owner(joint_node).name if joint_node is not None else placeholder.name
+    return owned
 
 
 def saved_nodes(joint, analysis: Analysis, actions: Sequence[str]) -> list[fx.Node]:
@@ -144,10 +171,8 @@ def saved_nodes(joint, analysis: Analysis, actions: Sequence[str]) -> list[fx.No
     return primals + kept
 
 
-def _infeasible(joint, analysis: Analysis, options: Options) -> BudgetInfeasibleError:
-    best = least_peak(analysis.problem, time_limit_s=options.solver_time_limit_s)
-    _, _, simulated = _split_and_simulate(joint, analysis, best)
-    least = max(simulated, best.peak_bytes)
+def _infeasible(analysis: Analysis, options: Options, least: int, best: Solution) -> BudgetInfeasibleError:
+    """The error naming the least simulated peak of any plan tried (so it is reachable)."""
     timeline = memory_timeline(analysis.problem, best.actions)
     peak_step = timeline.index(max(timeline))
     phase = "forward" if peak_step < analysis.problem.num_forward_steps else "backward"

@@ -64,9 +64,12 @@ def prepare_joint_graph(
     node_info = _partitioners.classify_nodes(joint, list(static_lifetime_input_indices or []), num_fwd_outputs)
     fwd_outputs, bwd_outputs, _, _ = _partitioners._extract_fwd_bwd_outputs(joint, num_fwd_outputs=num_fwd_outputs)
     forward_set = set(node_info.required_fw_nodes)
-    # A getitem of a forward op read only by the backward (attention's logsumexp) is
-    # classified backward; it is free and belongs with its op.
-    forward_set.update(n for n in joint.graph.nodes if _is_getitem(n) and n.args[0] in forward_set)
+    # Nodes the backward reads that need no tangent (a ReLU's mask, attention's
+    # logsumexp getitem) could run in either pass: they join the forward's candidates,
+    # so the plan may keep them (cheaply) or recompute them, as torch's min-cut may.
+    for node in joint.graph.nodes:
+        if node.op == "call_function" and _computable_in_forward(node, forward_set, node_info):
+            forward_set.add(node)
     forward = tuple(n for n in joint.graph.nodes if n in forward_set)
     backward = tuple(
         n for n in joint.graph.nodes if n.op == "call_function" and n not in forward_set and _in_backward(n, node_info)
@@ -86,8 +89,22 @@ def prepare_joint_graph(
     )
 
 
-def _is_getitem(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is operator.getitem
+def _computable_in_forward(node: fx.Node, forward_set: set, node_info: Any) -> bool:
+    if node in forward_set or node in node_info.tangents_closure or _partitioners._must_be_in_backward(node):
+        return False
+    if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+        return False
+    return all(source in forward_set or _partitioners._is_primal(source) for source in node.all_input_nodes)
+
+
+def mutated_inputs(joint: JointGraph) -> frozenset[fx.Node]:
+    """Graph inputs the graph writes in place (BatchNorm's running statistics)."""
+    written = set()
+    for node in joint.module.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.copy_.default:
+            if isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder":
+                written.add(node.args[0])
+    return frozenset(written)
 
 
 def _in_backward(node: fx.Node, node_info: Any) -> bool:
@@ -156,7 +173,16 @@ def min_cut_partition(joint: JointGraph, joint_inputs: Any) -> tuple[fx.GraphMod
 
 
 def is_view(node: fx.Node) -> bool:
-    return node.op == "call_function" and _OP_TYPES.is_view(node)
+    """Whether the node's outputs alias its first input (views, unbind, split, ...)."""
+    if node.op != "call_function":
+        return False
+    if _OP_TYPES.is_view(node):
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or schema.is_mutable or not schema.returns:
+        return False
+    alias = schema.returns[0].alias_info
+    return alias is not None and not alias.is_write
 
 
 def is_compute_intensive(node: fx.Node) -> bool:
@@ -246,8 +272,8 @@ def compile_without_codegen(gm: fx.GraphModule, example_inputs: Sequence[Any], p
     memory only with Inductor.
     """
     from functorch.compile import make_boxed_func
-    from torch._decomp import core_aten_decompositions
     from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
 
     def run_graph(graph_module: fx.GraphModule, _inputs: Sequence[Any]) -> Callable:
         return make_boxed_func(graph_module.forward)
@@ -256,6 +282,8 @@ def compile_without_codegen(gm: fx.GraphModule, example_inputs: Sequence[Any], p
         fw_compiler=run_graph,
         bw_compiler=run_graph,
         partition_fn=partition_fn,
-        decompositions=core_aten_decompositions(),
+        # Inductor's table, not core ATen's: core ATen decomposes CPU flash attention's
+        # forward into math whose outputs its fused backward misreads.
+        decompositions=select_decomp_table(),
     )
     return backend(gm, example_inputs)

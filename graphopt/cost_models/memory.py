@@ -42,9 +42,16 @@ def is_getitem(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is operator.getitem
 
 
+def _aliases_input(node: fx.Node) -> bool:
+    """A view, or a getitem of a multi-output view (``unbind``, ``split``)."""
+    if torch_private.is_view(node):
+        return True
+    return is_getitem(node) and isinstance(node.args[0], fx.Node) and torch_private.is_view(node.args[0])
+
+
 def allocated_bytes(node: fx.Node) -> int:
     """Bytes this node newly allocates (0 for views, tuples and non-tensor values)."""
-    if node.op == "output" or torch_private.is_view(node):
+    if node.op == "output" or _aliases_input(node):
         return 0
     value = node.meta.get("val")
     if isinstance(value, (list, tuple)):
@@ -54,7 +61,7 @@ def allocated_bytes(node: fx.Node) -> int:
 
 def storage_owner(node: fx.Node) -> fx.Node:
     """The node whose allocation a view (chain) aliases; the node itself otherwise."""
-    while torch_private.is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+    while _aliases_input(node) and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 
@@ -77,31 +84,38 @@ def is_materialized(node: fx.Node, users: list[fx.Node] | tuple[fx.Node, ...]) -
     return not all(torch_private.is_fusible(user) for user in users)
 
 
-def graph_timeline(graph_module: fx.GraphModule, *, count_inputs: bool) -> list[int]:
+def graph_timeline(graph_module: fx.GraphModule, input_storage: dict[str, object] | None = None) -> list[int]:
     """Bytes in use after each node of one compiled graph, as Inductor frees them.
 
     Every buffer is freed after its last reader (a view's readers keep what it views
-    alive); outputs live on. With ``count_inputs`` the graph's inputs are owned by it
-    (the backward's saved tensors are) and freed after their last use too.
+    alive); outputs live on. `input_storage` names the inputs the graph owns (the
+    backward owns its saved tensors), mapped to a storage key: inputs sharing a key are
+    one allocation. Other inputs (parameters) are someone else's memory and not counted.
     """
+    input_storage = input_storage or {}
     nodes = list(graph_module.graph.nodes)
     step = {node: i for i, node in enumerate(nodes)}
-    last_read: dict[fx.Node, int] = {}
-    output_node = nodes[-1]
+    representative: dict[object, fx.Node] = {}
     for node in nodes:
+        if node.op == "placeholder" and node.name in input_storage:
+            representative.setdefault(input_storage[node.name], node)
+
+    def owner(node: fx.Node) -> fx.Node:
+        node = storage_owner(node)
+        if node.op == "placeholder" and node.name in input_storage:
+            return representative[input_storage[node.name]]
+        return node
+
+    last_read: dict[fx.Node, int] = {}
+    for node in nodes:
+        reach = len(nodes) if node.op == "output" else step[node]
         for source in node.all_input_nodes:
-            owner = storage_owner(source)
-            reach = len(nodes) if node is output_node else step[node]
-            last_read[owner] = max(last_read.get(owner, -1), reach)
+            key = owner(source)
+            last_read[key] = max(last_read.get(key, -1), reach)
     frees: dict[int, int] = {}
     live, timeline = 0, []
     for node in nodes:
-        if node.op == "placeholder":
-            size = value_bytes(node.meta.get("val")) if count_inputs else 0
-        elif node.op == "call_function":
-            size = allocated_bytes(node) if is_materialized(node, list(node.users)) else 0
-        else:
-            size = 0
+        size = _buffer_bytes(node, representative, input_storage)
         live += size
         timeline.append(live)
         dies = last_read.get(node, step[node])
@@ -109,3 +123,14 @@ def graph_timeline(graph_module: fx.GraphModule, *, count_inputs: bool) -> list[
             frees[dies] = frees.get(dies, 0) + size
         live -= frees.pop(step[node], 0)
     return timeline
+
+
+def _buffer_bytes(node: fx.Node, representative: dict, input_storage: dict) -> int:
+    if node.op == "placeholder":
+        key = input_storage.get(node.name)
+        if key is None or representative[key] is not node:
+            return 0
+        return value_bytes(node.meta.get("val"))
+    if node.op == "call_function" and is_materialized(node, list(node.users)):
+        return allocated_bytes(node)
+    return 0
