@@ -207,10 +207,13 @@ def _candidate(
 
 
 def _recompute_ms(node: fx.Node, hardware: HardwareProfile) -> float:
-    """Time to redo the node in the backward. Pointwise work fuses into its consumer's
-    kernel there, so it costs its arithmetic but no extra memory traffic or launch."""
+    """Time to redo the node in the backward, on the hardware's roofline.
+
+    Pointwise work fuses into its consumer's kernel there, so it pays no launch, but it
+    does pay its traffic: reading its inputs is not free (pointwise ops count no FLOPs,
+    and pricing them at zero made plans recompute every pointwise chain and run slower).
+    """
     cost = estimate_node_cost(node, hardware)
-    if torch_private.is_fusible(node):
-        dtype = next((v.dtype for v in [node.meta.get("val")] if hasattr(v, "dtype")), None)
-        return cost.flops / hardware.flops_per_s(dtype) * 1e3 if dtype is not None else 0.0
+    if torch_private.is_fusible(node) and cost.ms > 0:
+        return max(cost.ms - hardware.kernel_overhead_ms, 0.0)
     return cost.ms

@@ -21,8 +21,9 @@ class HardwareError(GraphoptError, ValueError):
 class BudgetInfeasibleError(GraphoptError):
     """No plan keeps the step's peak under the budget.
 
-    ``least_peak_bytes`` is the smallest peak graphopt can reach on this graph and
-    ``breakdown`` says what it is made of (bytes by kind).
+    ``least_peak_bytes`` is the smallest budget graphopt can meet on this graph (the
+    least reachable peak plus the headroom graphopt keeps for its prediction error), and
+    ``breakdown`` says what the least reachable peak is made of (bytes by kind).
     """
 
     def __init__(self, message: str, *, least_peak_bytes: int, breakdown: dict[str, int]):
