@@ -57,6 +57,9 @@ def analyze(joint: JointGraph, hardware: HardwareProfile, *, budget_bytes: int |
     backward_outputs = set(joint.backward_outputs)
     free_at: dict[fx.Node, int] = {}
     for node in joint.forward_nodes:
+        if node in joint.optional_forward_nodes:  # exists in the forward only if kept
+            free_at[node] = position[node] - 1
+            continue
         forward_uses = uses.forward.get(node, [])
         last = num_forward - 1 if node in forward_outputs else max(forward_uses, default=position[node])
         if _is_temporary(node, position, num_forward):

@@ -137,8 +137,8 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
     target, least, best = budget, default_peak, None
     for _ in range(MAX_REPAIR_ROUNDS):
         solution = solve(dataclasses.replace(problem, budget_bytes=target), time_limit_s=options.solver_time_limit_s)
-        if solution is None:
-            break
+        if solution is None:  # below the model's least peak, which is conservative: try that plan
+            solution = least_peak(problem, time_limit_s=options.solver_time_limit_s)
         forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution)
         least = min(least, predicted_peak)
         if predicted_peak <= budget:
@@ -146,7 +146,7 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
                 best = (solution, forward, backward, predicted_peak)
             if budget - predicted_peak <= SNUG_FRACTION * budget:
                 break
-        shifted = target + (budget - predicted_peak)
+        shifted = min(target, solution.peak_bytes) + (budget - predicted_peak)
         if shifted == target:
             break
         target = shifted
