@@ -32,6 +32,8 @@ log = logging.getLogger("graphopt")
 MAX_REPAIR_ROUNDS = 6
 # A fitting plan that leaves more of the usable budget than this unused is loosened.
 SNUG_FRACTION = 0.02
+# Program budgets tried, evenly spaced, before reporting that nothing fits.
+SWEEP_POINTS = 8
 
 
 @dataclasses.dataclass
@@ -153,11 +155,28 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
         log.info("simulated peak %s for a usable %s; replanning for %s", format_bytes(predicted_peak), format_bytes(budget), format_bytes(target))
     if best is not None:
         return best
-    solution = least_peak(problem, time_limit_s=options.solver_time_limit_s)
-    forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution)
-    if predicted_peak <= budget:
-        return solution, forward, backward, predicted_peak
-    raise _infeasible(analysis, options, min(least, predicted_peak), solution)
+    return _sweep(joint, analysis, options, least)
+
+
+def _sweep(joint, analysis: Analysis, options: Options, least_seen: int):
+    """Last resort before giving up: plans for program budgets from the model's least
+    peak up to the default's, each simulated. The first that fits is used; otherwise
+    the least simulated peak is what the error reports, so that number is reachable."""
+    problem, budget = analysis.problem, _usable(options)
+    floor = least_peak(problem, time_limit_s=options.solver_time_limit_s)
+    best_solution, least = floor, least_seen
+    for step in range(SWEEP_POINTS):
+        target = floor.peak_bytes + (least_seen - floor.peak_bytes) * step // SWEEP_POINTS
+        program = dataclasses.replace(problem, budget_bytes=target)
+        solution = floor if step == 0 else solve(program, time_limit_s=options.solver_time_limit_s)
+        if solution is None:
+            continue
+        forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution)
+        if predicted_peak <= budget:
+            return solution, forward, backward, predicted_peak
+        if predicted_peak < least:
+            best_solution, least = solution, predicted_peak
+    raise _infeasible(analysis, options, least, best_solution)
 
 
 def _usable(options: Options) -> int:
