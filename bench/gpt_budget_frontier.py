@@ -1,6 +1,6 @@
 """Peak memory and step time of a small GPT: torch's activation-memory budget vs graphopt.
 
-    cd <repo root> && python -m bench.gpt_budget_frontier [--steps 10] [--warmup 2] \\
+    cd <repo root> && python -m bench.gpt_budget_frontier [--steps 10] [--warmup 2] [--rounds 1] \\
         [--out bench/results/gpt_budget_frontier.csv] [--configs torch-amb-1.0,graphopt-300000000]
 
 Model: ``examples.gpt.build()`` defaults (4 layers, d_model 256, 4 heads, vocab 2048,
@@ -162,16 +162,36 @@ def graphopt_config_for(torch_result: dict[str, Any]) -> str | None:
 
 
 def run_sweep(configs: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run `configs`; after each torch point of a default sweep, its graphopt counterpart."""
+    """Run `configs`; after each torch point of a default sweep, its graphopt counterpart.
+
+    With `--rounds R` > 1 each pair runs R times, alternating which goes first, and each
+    configuration keeps its fastest round (its peak is the largest seen): a 2-core
+    machine shared with other work slows whichever process the load lands on.
+    """
     results = []
     for config in configs:
         result = run_config(config, args)
-        results.append(result)
+        pair = [(config, result, None)]
         if args.default_sweep and config.startswith("torch-amb-"):
             graphopt_config = graphopt_config_for(result)
             if graphopt_config is not None:
-                results.append({**run_config(graphopt_config, args), "reference": config})
+                pair.append((graphopt_config, run_config(graphopt_config, args), config))
+        best = {name: result for name, result, _ in pair}
+        for round_index in range(1, args.rounds):
+            names = [name for name, _, _ in pair]
+            for name in names if round_index % 2 == 0 else reversed(names):
+                best[name] = _faster(best[name], run_config(name, args))
+        for name, _, reference in pair:
+            results.append({**best[name], "reference": reference} if reference else best[name])
     return results
+
+
+def _faster(kept: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The faster of two rounds of one configuration, with the larger of their peaks."""
+    if "error" in kept or "error" in new:
+        return kept if "error" in new else new
+    fastest = min(kept, new, key=lambda r: r["median_step_ms"])
+    return {**fastest, "peak_bytes": max(kept["peak_bytes"], new["peak_bytes"])}
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -234,6 +254,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "gpt_budget_frontier.csv")
     parser.add_argument("--configs", help="comma-separated configurations (default: the torch sweep + graphopt)")
     parser.add_argument("--child-timeout-s", type=float, default=3600.0, help="limit for one configuration")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each torch/graphopt pair; the fastest counts")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one configuration here
     return parser.parse_args(argv)
 
