@@ -15,14 +15,18 @@ Modelling choices, each conservative or corrected later by simulating the real g
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import torch.fx as fx
 
 from . import torch_private
-from .cost_models import HardwareProfile, estimate_node_cost
+from .cost_models import HardwareProfile, OpCost, estimate_node_cost
 from .cost_models.memory import allocated_bytes, is_materialized, storage_owner, value_bytes
 from .problem import Candidate, Problem
 from .torch_private import JointGraph
+
+NodeCost = Callable[[fx.Node], OpCost]
 
 _CANNOT_SAVE_POLICIES = {"MUST_RECOMPUTE"}
 _CANNOT_RECOMPUTE_POLICIES = {"MUST_SAVE"}
@@ -42,7 +46,16 @@ class Analysis:
     static_input_nodes: tuple[fx.Node, ...]  # graph inputs: parameters, buffers, the batch
 
 
-def analyze(joint: JointGraph, hardware: HardwareProfile, *, budget_bytes: int | None, extra_static_bytes: int = 0) -> Analysis:
+def analyze(
+    joint: JointGraph,
+    hardware: HardwareProfile,
+    *,
+    budget_bytes: int | None,
+    extra_static_bytes: int = 0,
+    node_cost: NodeCost | None = None,
+) -> Analysis:
+    """`node_cost` prices an op (default: the hardware's roofline estimate)."""
+    node_cost = node_cost or functools.partial(estimate_node_cost, hardware=hardware)
     timeline = joint.forward_nodes + joint.backward_nodes
     position = {node: step for step, node in enumerate(timeline)}
     num_forward = len(joint.forward_nodes)
@@ -84,7 +97,7 @@ def analyze(joint: JointGraph, hardware: HardwareProfile, *, budget_bytes: int |
     windows = _backward_windows(nodes, index, uses, num_forward)
     mutated = torch_private.mutated_inputs(joint)
     candidates = tuple(
-        _candidate(node, index, uses, windows[node], free_at.get(node, position[node] - 1), hardware, mutated)
+        _candidate(node, index, uses, windows[node], free_at.get(node, position[node] - 1), hardware, node_cost, mutated)
         for node in nodes
     )
     problem = Problem(candidates, tuple(base_bytes), num_forward, budget_bytes)
@@ -181,6 +194,7 @@ def _candidate(
     window: tuple[int, int],
     free_at: int,
     hardware: HardwareProfile,
+    node_cost: NodeCost,
     mutated: frozenset[fx.Node],
 ) -> Candidate:
     own = uses.backward.get(node, [])
@@ -192,7 +206,7 @@ def _candidate(
     return Candidate(
         name=node.name,
         size_bytes=allocated_bytes(node),
-        recompute_ms=0.0 if is_view else _recompute_ms(node, hardware),
+        recompute_ms=0.0 if is_view else _recompute_ms(node, hardware, node_cost),
         inputs=tuple(index[s] for s in node.all_input_nodes if s in index),
         free_at=free_at,
         backward_first_use=first,
@@ -209,14 +223,14 @@ def _candidate(
     )
 
 
-def _recompute_ms(node: fx.Node, hardware: HardwareProfile) -> float:
+def _recompute_ms(node: fx.Node, hardware: HardwareProfile, node_cost: NodeCost) -> float:
     """Time to redo the node in the backward, on the hardware's roofline.
 
     Pointwise work fuses into its consumer's kernel there, so it pays no launch, but it
     does pay its traffic: reading its inputs is not free (pointwise ops count no FLOPs,
     and pricing them at zero made plans recompute every pointwise chain and run slower).
     """
-    cost = estimate_node_cost(node, hardware)
+    cost = node_cost(node)
     if torch_private.is_fusible(node) and cost.ms > 0:
         return max(cost.ms - hardware.kernel_overhead_ms, 0.0)
     return cost.ms

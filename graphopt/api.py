@@ -23,6 +23,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     fullgraph: bool = False,
     dynamic: bool | None = None,
     compiler: str = "inductor",
+    cost_model: str = "roofline",
     verbose: bool = False,
 ) -> Any:
     """Compile `model` for training so one step's peak memory stays under `memory_budget`.
@@ -35,12 +36,15 @@ def compile(  # noqa: A001 - mirrors torch.compile
 
     ``compiler="eager"`` skips code generation (the graphs run as Python): fast to
     compile, for checking plans and gradients; it does not free memory early.
+    ``cost_model="measured"`` prices recomputation by timing each op on this machine
+    (cached in ~/.cache/graphopt) instead of the hardware profile's roofline.
     """
     options = make_options(
         memory_budget=memory_budget,
         hardware=hardware,
         solver_time_limit_s=solver_time_limit_s,
         compiler=compiler,
+        cost_model=cost_model,
         verbose=verbose,
         model_static_bytes=_static_bytes(model),
     )

@@ -10,6 +10,7 @@ from .cost_models import HardwareProfile, get_hardware
 from .errors import GraphoptError
 
 COMPILERS = ("inductor", "eager")
+COST_MODELS = ("roofline", "measured")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +19,7 @@ class Options:
     hardware: HardwareProfile | None = None
     solver_time_limit_s: float = 30.0
     compiler: str = "inductor"  # "eager": no code generation (fast; for tests and planning)
+    cost_model: str = "roofline"  # "measured": time each op on the local device (cached)
     verbose: bool = False
     model_static_bytes: int = 0  # parameters and buffers of the whole model, when known
     # Share of the budget a plan's simulated peak must leave free. Inductor's fused
@@ -30,7 +32,14 @@ class Options:
         """Every input of a plan, for Inductor's caches (a changed budget must replan)."""
         hardware = self.hardware.to_json() if self.hardware is not None else None
         return repr(
-            (self.memory_budget_bytes, hardware, self.solver_time_limit_s, self.model_static_bytes, self.prediction_headroom)
+            (
+                self.memory_budget_bytes,
+                hardware,
+                self.solver_time_limit_s,
+                self.model_static_bytes,
+                self.prediction_headroom,
+                self.cost_model,
+            )
         )
 
 
@@ -42,6 +51,7 @@ _ACCEPTED = (
     "verbose",
     "model_static_bytes",
     "prediction_headroom",
+    "cost_model",
 )
 _DEFAULT_HEADROOM = {"inductor": 0.05, "eager": 0.0}
 
@@ -60,6 +70,9 @@ def make_options(settings: dict[str, Any] | None = None, **overrides: Any) -> Op
     time_limit = float(merged.get("solver_time_limit_s", 30.0))
     if not time_limit > 0:
         raise GraphoptError(f"solver_time_limit_s={time_limit} must be positive")
+    cost_model = merged.get("cost_model", "roofline")
+    if cost_model not in COST_MODELS:
+        raise GraphoptError(f"cost_model={cost_model!r}; choose one of {COST_MODELS}")
     headroom = float(merged.get("prediction_headroom", _DEFAULT_HEADROOM[compiler]))
     if not 0 <= headroom < 1:
         raise GraphoptError(f"prediction_headroom={headroom} must lie in [0, 1)")
@@ -71,4 +84,5 @@ def make_options(settings: dict[str, Any] | None = None, **overrides: Any) -> Op
         verbose=bool(merged.get("verbose", False)),
         model_static_bytes=int(merged.get("model_static_bytes", 0)),
         prediction_headroom=headroom,
+        cost_model=cost_model,
     )

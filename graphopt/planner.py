@@ -9,6 +9,7 @@ program predicted, it tightens the program's budget by the difference and solves
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -17,9 +18,10 @@ from collections.abc import Sequence
 import torch.fx as fx
 
 from . import torch_private
-from .analysis import Analysis, analyze, parameter_bytes
+from .analysis import Analysis, NodeCost, analyze, parameter_bytes
 from .budget import format_bytes
 from .config import Options
+from .cost_models import MeasuredCostModel, estimate_node_cost
 from .cost_models.memory import graph_timeline, storage_owner
 from .errors import BudgetInfeasibleError
 from .plan import Decision, Plan
@@ -47,11 +49,20 @@ class Session:
     options: Options
     plans: list[Plan] = dataclasses.field(default_factory=list)
     saved_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name
+    _measured: MeasuredCostModel | None = None
 
     def other_graphs_bytes(self, graph: str, parameter_bytes: int) -> int:
         earlier = sum(size for name, size in self.saved_bytes.items() if name != graph)
         other_parameters = max(self.options.model_static_bytes - parameter_bytes, 0)
         return earlier + other_parameters
+
+    def node_cost(self) -> NodeCost:
+        """How ops are priced: the roofline, or times measured on this machine (cached)."""
+        if self.options.cost_model == "measured":
+            if self._measured is None:
+                self._measured = MeasuredCostModel(self.options.hardware)
+            return self._measured.node_cost
+        return functools.partial(estimate_node_cost, hardware=self.options.hardware)
 
     def record(self, plan: Plan, saved_bytes: int) -> None:
         self.plans = [p for p in self.plans if p.graph != plan.graph] + [plan]
@@ -79,7 +90,13 @@ def partition(
         )
     options = session.options
     extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint))
-    analysis = analyze(joint, options.hardware, budget_bytes=options.memory_budget_bytes, extra_static_bytes=extra)
+    analysis = analyze(
+        joint,
+        options.hardware,
+        budget_bytes=options.memory_budget_bytes,
+        extra_static_bytes=extra,
+        node_cost=session.node_cost(),
+    )
     solution, forward, backward, predicted_peak = _torch_default(joint, joint_inputs, analysis)
     if options.memory_budget_bytes is not None and predicted_peak > _usable(options):
         analysis = _learn_from_min_cut(analysis, solution)

@@ -94,3 +94,112 @@ def test_measured_peak_stays_under_the_budget_and_matches_the_prediction():
     assert figures["saved_activations_without_budget"] > 100 * 10**6
     assert figures["measured"] <= budget
     assert abs(figures["predicted"] - figures["measured"]) <= 0.10 * figures["measured"]
+
+
+# A second memory check on a wider MLP whose saved activations (302 MB without a budget)
+# are 2-3x what the budget leaves them, the budget picked as the task states it: 45% of
+# the no-budget predicted peak, or 5% above the least reachable peak if that is infeasible.
+_WIDE_MLP_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import torch
+    import graphopt
+    from torch import nn
+
+    BATCH, WIDTH, HIDDEN, DEPTH = 4096, 256, 1024, 8
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(
+                *[nn.Sequential(nn.Linear(WIDTH, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, WIDTH)) for _ in range(DEPTH)]
+            )
+
+        def forward(self, x):
+            return self.blocks(x).square().mean()
+
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(BATCH, WIDTH)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    input_bytes = x.numel() * x.element_size()
+
+    probe = graphopt.compile(MLP(), compiler="eager")  # plans without code generation
+    probe(x)
+    no_budget = graphopt.plans(probe)[0]
+    torch._dynamo.reset()
+    budget = int(no_budget.predicted_peak_bytes * 0.45)
+    try:
+        graphopt.compile(MLP(), memory_budget=budget)(x)  # infeasibility is raised before codegen
+    except graphopt.BudgetInfeasibleError as error:
+        budget = int(error.least_peak_bytes * 1.05)
+    torch._dynamo.reset()
+
+    compiled = graphopt.compile(model, memory_budget=budget)
+
+    def step():
+        loss = compiled(x)
+        loss.backward()
+        return loss.item()
+
+    step()  # warm-up: compiles
+    model.zero_grad(set_to_none=True)  # the measured step allocates its gradients anew
+    _, peak = graphopt.measure_peak(step, device="cpu")
+    plan = graphopt.plans(compiled)[0]
+
+    torch._dynamo.reset()
+    model(x).backward()
+    model.zero_grad(set_to_none=True)
+    _, eager_peak = graphopt.measure_peak(lambda: model(x).backward(), device="cpu")
+
+    static = parameter_bytes + input_bytes  # resident before the step: excluded by measure_peak
+    print(json.dumps({
+        "budget": budget,
+        "parameters": parameter_bytes,
+        "saved_activations_without_budget": sum(d.bytes for d in no_budget.decisions if d.action == "keep"),
+        "predicted": plan.predicted_peak_bytes,
+        "recomputed": sum(d.action == "recompute" for d in plan.decisions),
+        "measured": peak.peak_bytes + static,
+        "eager_measured": eager_peak.peak_bytes + static,
+    }))
+    """
+)
+_WIDE_MLP_FIGURES: dict = {}
+
+
+def _wide_mlp_figures() -> dict:
+    """Run the measurement once (about 40 s) and share its figures between the two tests."""
+    if not _WIDE_MLP_FIGURES:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}
+        result = subprocess.run(
+            [sys.executable, "-c", _WIDE_MLP_SCRIPT], env=env, capture_output=True, text=True, timeout=900
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        _WIDE_MLP_FIGURES.update(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(_WIDE_MLP_FIGURES)
+    return _WIDE_MLP_FIGURES
+
+
+def test_wide_mlp_measured_peak_stays_under_the_budget():
+    figures = _wide_mlp_figures()
+    budget = figures["budget"]
+    room = budget - 2 * figures["parameters"]  # what parameters and gradients leave
+    assert figures["saved_activations_without_budget"] > 100 * 10**6
+    assert figures["saved_activations_without_budget"] > 2 * room, figures
+    assert figures["eager_measured"] > budget, figures  # the budget really binds
+    assert figures["recomputed"] > 0
+    assert figures["predicted"] <= budget
+    assert figures["measured"] <= budget, figures
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "graphopt's prediction is conservative by more than 10% on this MLP: budget 153.4 MB, predicted "
+        "139.5 MB, measured 122.6 MB (+13.8%); the forward ends holding the 100.7 MB it keeps and the "
+        "backward adds only 0.9 MB on top, while the plan predicts 118.5 MB above parameters and batch"
+    ),
+)
+def test_wide_mlp_predicted_peak_is_within_10_percent_of_the_measured():
+    figures = _wide_mlp_figures()
+    assert abs(figures["predicted"] - figures["measured"]) <= 0.10 * figures["measured"], figures
