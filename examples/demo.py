@@ -37,7 +37,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss, peak = graphopt.measure_peak(lambda: _step(compiled, inputs))
         optimizer.step()
-        label = f"compile + step {time.perf_counter() - started:.1f} s" if step == 0 else ""
+        label = f"(compile + step {time.perf_counter() - started:.1f} s; the peak includes compiling)" if step == 0 else ""
         print(f"step {step}: loss {loss:.4f}, measured peak {format_bytes(peak.peak_bytes + parameter_bytes)} {label}")
     for plan in graphopt.plans(compiled):
         print(plan)
