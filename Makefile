@@ -22,8 +22,10 @@ demo: venv
 test: venv
 	MALLOC_MMAP_THRESHOLD_=65536 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The CPU benchmark suite (docs/benchmarks.md), sized for 20 minutes on an idle 2-core machine; BENCH_ARGS="--quick" for a smoke run.
 bench: venv
-	$(BIN)/python -m bench.gpt_budget_frontier
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install --quiet -e ".[plot]"
+	$(BIN)/python -m bench --suite cpu $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -21,15 +21,19 @@ from collections.abc import Callable
 import torch.fx as fx
 
 from . import torch_private
+from .alternatives import AlternativePricer, AlternativeSettings, Lifetime
 from .cost_models import HardwareProfile, OpCost, estimate_node_cost
 from .cost_models.memory import allocated_bytes, is_materialized, storage_owner, value_bytes
-from .problem import Candidate, Problem
+from .problem import QUANTIZE, Candidate, Problem
 from .torch_private import JointGraph
 
 NodeCost = Callable[[fx.Node], OpCost]
 
 _CANNOT_SAVE_POLICIES = {"MUST_RECOMPUTE"}
 _CANNOT_RECOMPUTE_POLICIES = {"MUST_SAVE"}
+# Policies that ask for the tensor as it is (saved whole, or recomputed): no alternatives.
+_EXACT_POLICIES = {"MUST_SAVE", "MUST_RECOMPUTE"}
+_OFFLOAD_POLICIES = {"MUST_CPU_OFFLOAD", "PREFER_CPU_OFFLOAD"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Analysis:
     extra_static_bytes: int  # what other graphs keep alive during this one
     timeline_nodes: tuple[fx.Node, ...]
     static_input_nodes: tuple[fx.Node, ...]  # graph inputs: parameters, buffers, the batch
+    host_is_device: bool = True  # planning for a CPU: an offloaded copy is in the same memory
 
 
 def analyze(
@@ -53,8 +58,11 @@ def analyze(
     budget_bytes: int | None,
     extra_static_bytes: int = 0,
     node_cost: NodeCost | None = None,
+    alternatives: AlternativeSettings = AlternativeSettings(),
+    error_weight_ms: float = 0.0,
 ) -> Analysis:
-    """`node_cost` prices an op (default: the hardware's roofline estimate)."""
+    """`node_cost` prices an op (default: the hardware's roofline estimate);
+    `alternatives` says which offload / quantize choices the program may make."""
     node_cost = node_cost or functools.partial(estimate_node_cost, hardware=hardware)
     timeline = joint.forward_nodes + joint.backward_nodes
     position = {node: step for step, node in enumerate(timeline)}
@@ -96,11 +104,18 @@ def analyze(
     index = {node: i for i, node in enumerate(nodes)}
     windows = _backward_windows(nodes, index, uses, num_forward)
     mutated = torch_private.mutated_inputs(joint)
+    pricer = _pricer(nodes, timeline, num_forward, hardware, node_cost, alternatives)
     candidates = tuple(
-        _candidate(node, index, uses, windows[node], free_at.get(node, position[node] - 1), hardware, node_cost, mutated)
+        _with_alternatives(
+            _candidate(node, index, uses, windows[node], free_at.get(node, position[node] - 1), hardware, node_cost, mutated),
+            node,
+            position[node],
+            pricer,
+            alternatives,
+        )
         for node in nodes
     )
-    problem = Problem(candidates, tuple(base_bytes), num_forward, budget_bytes)
+    problem = Problem(candidates, tuple(base_bytes), num_forward, budget_bytes, error_weight_ms)
     return Analysis(
         problem,
         tuple(nodes),
@@ -110,6 +125,7 @@ def analyze(
         extra_static_bytes,
         timeline,
         joint.primals,
+        host_is_device=hardware.device_type == "cpu",
     )
 
 
@@ -221,6 +237,43 @@ def _candidate(
         ),
         can_keep=not (is_tuple or is_view or policy in _CANNOT_SAVE_POLICIES),
     )
+
+
+def _pricer(nodes, timeline, num_forward: int, hardware: HardwareProfile, node_cost: NodeCost, settings: AlternativeSettings):
+    """Prices alternatives when any may exist. Offload needs each step's compute time
+    (what a copy can hide behind); quantizing alone does not."""
+    offload_asked = any(torch_private.checkpoint_policy(n) in _OFFLOAD_POLICIES for n in nodes)
+    if not settings.quantize_bits and not settings.offload and not offload_asked:
+        return None
+    if settings.offload or offload_asked:
+        step_ms = [node_cost(n).ms if n.op == "call_function" else 0.0 for n in timeline]
+    else:
+        step_ms = [0.0] * len(timeline)
+    return AlternativePricer(hardware, step_ms, num_forward)
+
+
+def _with_alternatives(candidate: Candidate, node: fx.Node, produced: int, pricer, settings: AlternativeSettings) -> Candidate:
+    """The candidate with the offload / quantize choices the options and its policy allow.
+
+    Only whole tensors the backward reads qualify (not views, tuples, or what torch pins
+    to the forward). ``MUST_CPU_OFFLOAD`` leaves offloading as the only choice;
+    ``PREFER_CPU_OFFLOAD`` offers it even where it cannot pay (a CPU), for the program to
+    weigh.
+    """
+    policy = torch_private.checkpoint_policy(node)
+    if pricer is None or not candidate.needed_by_backward or policy in _EXACT_POLICIES:
+        return candidate
+    if torch_private.is_view(node) or torch_private.must_stay_in_forward(node) or candidate.size_bytes == 0:
+        return candidate
+    lifetime = Lifetime(produced, candidate.free_at, candidate.backward_first_use, candidate.backward_last_use)
+    offload = settings.offload or policy in _OFFLOAD_POLICIES
+    asked = {"minimum_bytes": 0} if policy in _OFFLOAD_POLICIES else {}
+    found = pricer.alternatives(node.meta.get("val"), lifetime, bits=settings.quantize_bits, offload=offload, **asked)
+    if policy == "MUST_CPU_OFFLOAD":
+        found = tuple(a for a in found if a.kind != QUANTIZE)
+        if found:  # else too small to be worth a copy: kept or recomputed as usual
+            return dataclasses.replace(candidate, alternatives=found, can_keep=False, can_recompute=False)
+    return dataclasses.replace(candidate, alternatives=found)
 
 
 def _recompute_ms(node: fx.Node, hardware: HardwareProfile, node_cost: NodeCost) -> float:

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 
 from .backend import GraphoptBackend
-from .config import make_options
+from .config import Options, make_options
 from .errors import GraphoptError
 from .plan import Plan
+from .trainable import select_parameters
 
 _SESSION_ATTRIBUTE = "_graphopt_backend"
 
@@ -24,6 +25,13 @@ def compile(  # noqa: A001 - mirrors torch.compile
     dynamic: bool | None = None,
     compiler: str = "inductor",
     cost_model: str = "roofline",
+    reorder: bool = True,
+    trainable: Any = "all",
+    optimizer: torch.optim.Optimizer | None = None,
+    allow_lossy: bool = False,
+    quantize_bits: int | None = None,
+    lossy_error_weight_ms: float = 1000.0,
+    plan: Any = None,
     verbose: bool = False,
 ) -> Any:
     """Compile `model` for training so one step's peak memory stays under `memory_budget`.
@@ -38,6 +46,26 @@ def compile(  # noqa: A001 - mirrors torch.compile
     compile, for checking plans and gradients; it does not free memory early.
     ``cost_model="measured"`` prices recomputation by timing each op on this machine
     (cached in ~/.cache/graphopt) instead of the hardware profile's roofline.
+    ``reorder=False`` keeps the partitioner's order of each graph and Inductor's own
+    reordering; by default graphopt reorders each graph for a lower peak where that
+    beats Inductor's heuristics (docs/reorder.md).
+    ``trainable`` picks what fine-tuning trains: ``"all"``, ``"bias"``, glob patterns of
+    parameter names, ``{"last_blocks": k}``, or ``{pattern: fraction}`` for the first
+    fraction of a weight's output channels; the rest gets no gradient and the backward
+    work only it needed is pruned (docs/sparse.md). The model's ``requires_grad`` flags
+    are left as they are.
+    ``optimizer=opt`` runs each parameter's ``opt`` update inside the backward, as soon
+    as its gradient is complete, and frees the gradient at once: the training loop is
+    ``loss = cm(x); loss.backward()``, with no ``opt.step()`` or ``zero_grad()``
+    (docs/optimizer_in_backward.md).
+    ``allow_lossy=True`` lets the planner save tensors quantized to 8, 4 or 2 bits
+    (chosen per tensor; each expected error is charged ``lossy_error_weight_ms`` ms per
+    unit of relative squared error and reported in the plan); ``quantize_bits=8`` (or 4,
+    2) allows that width only. By default every result is exact (docs/offload_quantize.md).
+    ``plan=`` applies a saved plan instead of solving: a path to the JSON that
+    ``graphopt plan --json`` or ``Plan.dumps()`` wrote, a ``Plan`` or a list of them
+    (from ``graphopt.plans``). Decisions are matched to tensors by module path and op;
+    a plan made for another model or other shapes raises ``PlanMismatchError``.
     """
     options = make_options(
         memory_budget=memory_budget,
@@ -45,13 +73,28 @@ def compile(  # noqa: A001 - mirrors torch.compile
         solver_time_limit_s=solver_time_limit_s,
         compiler=compiler,
         cost_model=cost_model,
+        reorder=reorder,
+        trainable=trainable,
+        optimizer=optimizer,
+        allow_lossy=allow_lossy,
+        quantize_bits=quantize_bits,
+        lossy_error_weight_ms=lossy_error_weight_ms,
+        plan=plan,
         verbose=verbose,
         model_static_bytes=_static_bytes(model),
     )
-    backend = GraphoptBackend(options)
+    backend = _backend(options, model)
     compiled = torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     object.__setattr__(compiled, _SESSION_ATTRIBUTE, backend)
     return compiled
+
+
+def _backend(options: Options, model: Any) -> GraphoptBackend:
+    """The backend; with ``trainable=`` on a module, checked against all its parameters."""
+    if options.trainable is None or not isinstance(model, torch.nn.Module):
+        return GraphoptBackend(options)
+    selection = select_parameters(options.trainable, model)
+    return GraphoptBackend(options, parameters=dict(model.named_parameters()), selection=selection)
 
 
 def plans(compiled: Any) -> list[Plan]:

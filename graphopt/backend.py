@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from . import __version__, torch_private
 from .config import Options, make_options
-from .planner import Session, partition
+from .passes.optimizer_in_backward import GraphParameters
+from .planner import GivenPlan, Session, partition
+from .trainable import GraphTrainable, graph_trainable, guard_frozen_rows
+
+log = logging.getLogger("graphopt")
 
 # torch.compile(backend="graphopt", options=d) calls the backend once per graph with the
 # same dict `d`; graphs of one compiled model share a Session (and so one budget) by it.
@@ -20,18 +26,59 @@ _SESSIONS_BY_OPTIONS: dict[int, tuple[dict, Session]] = {}
 class GraphoptBackend:
     """A dynamo backend bound to one Session (what ``graphopt.compile`` installs)."""
 
-    def __init__(self, options: Options):
-        self.session = Session(options)
+    def __init__(self, options: Options, parameters: dict[str, torch.nn.Parameter] | None = None, selection: dict[str, float] | None = None):
+        """`parameters` (the model's, by name) and `selection` (name -> fraction that
+        trains, checked against the whole model) come from ``graphopt.compile``; without
+        them parameter names are read from Dynamo's sources, graph by graph."""
+        given = {graph: GivenPlan(dict(decisions), by_min_cut) for graph, by_min_cut, decisions in options.given}
+        self.session = Session(options, given=given)
         self._graphs = 0
+        self._names_by_id = {id(p): (name, p) for name, p in (parameters or {}).items()}
+        self._selection = selection
 
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         graph_name = f"graph_{self._graphs}"
         self._graphs += 1
-        partition_fn = functools.partial(partition, self.session, graph_name)
+        trainable = self._graph_trainable(graph_module, example_inputs)
+        graph_parameters = self._graph_parameters(graph_module, example_inputs)
+        partition_fn = functools.partial(
+            partition, self.session, graph_name, trainable=trainable, graph_parameters=graph_parameters
+        )
         if self.session.options.compiler == "eager":
             return torch_private.compile_without_codegen(graph_module, example_inputs, partition_fn)
         uuid = f"graphopt-{__version__}-{self.session.options.cache_key()}-{graph_name}"
         return torch_private.compile_with_inductor(graph_module, example_inputs, partition_fn, uuid)
+
+    def _graph_trainable(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphTrainable | None:
+        """What each parameter input of this graph trains (None: all of them).
+
+        Dynamo passes the parameters themselves as inputs, so identity names them.
+        """
+        spec = self.session.options.trainable
+        if spec is None:
+            return None
+        if self._selection is not None:
+            selection = self._selection
+            names = [self._parameter_name(value) for value in example_inputs]
+        else:
+            names = torch_private.parameter_input_names(graph_module, example_inputs)
+            selection, unmatched = spec.select([name for name in names if name is not None])
+            if unmatched:
+                log.warning("trainable=%s: %s matched no parameter of this graph", spec.text, ", ".join(map(repr, unmatched)))
+        trainable = graph_trainable(selection, names, example_inputs)
+        guard_frozen_rows(example_inputs[index] for index, rows in trainable.rows.items() if rows > 0)
+        return trainable
+
+    def _graph_parameters(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphParameters | None:
+        """With optimizer=, which inputs are the parameters it updates: Dynamo passes the
+        real tensors as example inputs, so identity finds them."""
+        if self.session.optimizer is None:
+            return None
+        return self.session.optimizer.graph_parameters(graph_module, example_inputs)
+
+    def _parameter_name(self, value: Any) -> str | None:
+        entry = self._names_by_id.get(id(value))
+        return entry[0] if entry is not None and entry[1] is value else None
 
 
 def graphopt_backend(graph_module: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None) -> Callable:

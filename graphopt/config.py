@@ -8,6 +8,9 @@ from typing import Any
 from .budget import parse_budget
 from .cost_models import HardwareProfile, get_hardware
 from .errors import GraphoptError
+from .plan import load_plans
+from .passes.optimizer_in_backward import check_optimizer
+from .trainable import TrainableSpec, parse_trainable
 
 COMPILERS = ("inductor", "eager")
 COST_MODELS = ("roofline", "measured")
@@ -27,6 +30,25 @@ class Options:
     # measured 4.6-6.4% above it on the bench GPT. Without code generation the
     # simulation is the whole model, so no headroom.
     prediction_headroom: float = 0.05
+    # Lossy saving (docs/offload_quantize.md): the quantized widths the program may
+    # choose. () keeps every result exact (the default); allow_lossy=True gives (8, 4, 2),
+    # quantize_bits=b gives (b,).
+    quantize_bits: tuple[int, ...] = ()
+    # Milliseconds the objective charges per unit of expected relative squared error a
+    # quantized tensor carries (about 5e-5 at int8, 0.017 at int4, 0.8 at int2).
+    lossy_error_weight_ms: float = 1000.0
+    # Memory-aware reordering of the split graphs (graphopt/passes/reorder.py). Order does
+    # not change arithmetic, side effects and random draws keep their order, and the
+    # simulated peak never rises, so it is on by default.
+    reorder: bool = True
+    # Which parameters train (graphopt/trainable.py); None: all of them.
+    trainable: TrainableSpec | None = None
+    # optimizer=: a torch.optim.Optimizer whose updates run inside the backward
+    # (graphopt/passes/optimizer_in_backward.py). Compared and keyed by identity.
+    optimizer: Any = dataclasses.field(default=None, compare=False)
+    # plan=: decisions to apply instead of solving (a saved plan), by graph name:
+    # ((graph, made by torch's min-cut, ((decision key, action), ...)), ...).
+    given: tuple[tuple[str, bool, tuple[tuple[str, str], ...]], ...] = ()
 
     def cache_key(self) -> str:
         """Every input of a plan, for Inductor's caches (a changed budget must replan)."""
@@ -39,6 +61,12 @@ class Options:
                 self.model_static_bytes,
                 self.prediction_headroom,
                 self.cost_model,
+                self.quantize_bits,
+                self.lossy_error_weight_ms,
+                self.reorder,
+                self.trainable,
+                _identity(self.optimizer),
+                self.given,
             )
         )
 
@@ -52,6 +80,13 @@ _ACCEPTED = (
     "model_static_bytes",
     "prediction_headroom",
     "cost_model",
+    "allow_lossy",
+    "quantize_bits",
+    "lossy_error_weight_ms",
+    "reorder",
+    "trainable",
+    "optimizer",
+    "plan",
 )
 _DEFAULT_HEADROOM = {"inductor": 0.05, "eager": 0.0}
 
@@ -85,4 +120,57 @@ def make_options(settings: dict[str, Any] | None = None, **overrides: Any) -> Op
         model_static_bytes=int(merged.get("model_static_bytes", 0)),
         prediction_headroom=headroom,
         cost_model=cost_model,
+        quantize_bits=_lossy_bits(merged.get("allow_lossy", False), merged.get("quantize_bits")),
+        lossy_error_weight_ms=_error_weight(merged.get("lossy_error_weight_ms", 1000.0)),
+        reorder=bool(merged.get("reorder", True)),
+        trainable=parse_trainable(merged.get("trainable", "all")),
+        optimizer=_checked_optimizer(merged.get("optimizer")),
+        given=given_decisions(merged.get("plan")),
     )
+
+
+def given_decisions(plan: Any) -> tuple[tuple[str, bool, tuple[tuple[str, str], ...]], ...]:
+    """``plan=`` (a path to JSON that ``graphopt plan --json`` or ``Plan.dumps`` wrote, a
+    ``Plan``, or a list of them) as (graph, made by min-cut, ((key, action), ...))."""
+    if plan is None:
+        return ()
+    plans = load_plans(plan)
+    for saved in plans:
+        if any(not decision.key for decision in saved.decisions):
+            raise GraphoptError(f"plan for {saved.graph} has decisions without keys (saved by an older graphopt); plan again")
+    return tuple(
+        (p.graph, p.method.startswith("torch-min-cut"), tuple((d.key, d.planned_action) for d in p.decisions))
+        for p in plans
+    )
+
+
+def _identity(value: Any) -> str | None:
+    """A cache key for an object compared by identity (its state is read at run time)."""
+    return None if value is None else f"{type(value).__qualname__}@{id(value):x}"
+
+
+def _checked_optimizer(optimizer: Any) -> Any:
+    if optimizer is not None:
+        check_optimizer(optimizer)
+    return optimizer
+
+
+_LOSSY_BITS = (8, 4, 2)
+
+
+def _lossy_bits(allow_lossy: Any, quantize_bits: Any) -> tuple[int, ...]:
+    """The widths the program may quantize to: none unless the user opts in."""
+    if quantize_bits is not None:
+        if quantize_bits not in _LOSSY_BITS:
+            raise GraphoptError(f"quantize_bits={quantize_bits!r}; choose one of {_LOSSY_BITS}, or allow_lossy=True")
+        return (int(quantize_bits),)
+    if not isinstance(allow_lossy, bool):
+        raise GraphoptError(f"allow_lossy={allow_lossy!r} must be True or False")
+    return _LOSSY_BITS if allow_lossy else ()
+
+
+def _error_weight(weight: Any) -> float:
+    weight = float(weight)
+    if not weight >= 0:
+        raise GraphoptError(f"lossy_error_weight_ms={weight} must be >= 0")
+    return weight

@@ -4,37 +4,96 @@ JSON schema (``Plan.to_json``), version 1::
 
     {"schema": "graphopt.plan/1", "graph": str, "budget_bytes": int|null,
      "predicted_peak_bytes": int, "predicted_added_ms": float, "method": str, "solve_s": float,
-     "memory": {"parameters": int, "inputs": int, "gradients": int, "other_graphs": int},
+     "memory": {"parameters": int, "inputs": int, "gradients": int, "other graphs": int,
+                "optimizer state": int (only with optimizer=)},
      "timeline_bytes": [int, ...], "num_forward_steps": int,
-     "decisions": [{"node": str, "tensor": str, "action": "keep"|"recompute", "bytes": int,
-                    "added_ms": float, "reason": str, "source": str|null}, ...]}
+     "decisions": [{"node": str, "tensor": str,
+                    "action": "keep"|"recompute"|"offload"|"quantize"|"offload-quantized", "bytes": int,
+                    "added_ms": float, "reason": str, "source": str|null, "key": str,
+                    "bits": int|null, "error": float}, ...],
+     "reordering": [{"graph": "forward"|"backward", "method": str, "peak_before_bytes": int,
+                     "peak_after_bytes": int, "inductor_reorder": bool}, ...],
+     "pruning": null | {"frozen_parameters": [str, ...], "partial_parameters": [str, ...],
+                        "saved_bytes_before": int, "saved_bytes_after": int,
+                        "backward_flops_before": float, "backward_flops_after": float,
+                        "backward_nodes_before": int, "backward_nodes_after": int}}
+
+``bits`` is the quantized width of a "quantize" / "offload-quantized" decision (null
+otherwise) and ``error`` its expected relative squared error (0 for exact decisions); a
+decision without them loads as exact.
+``reordering`` is empty when reordering is off; a plan without it loads as such.
+``pruning`` is null unless ``trainable=`` froze something; a plan without it loads as null.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 from .budget import format_bytes
+from .errors import GraphoptError
 
 SCHEMA = "graphopt.plan/1"
-ACTIONS = ("keep", "recompute")
+ACTIONS = ("keep", "recompute", "offload", "quantize", "offload-quantized")
 
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    node: str  # FX node name in the joint graph (what a saved plan is matched by)
+    node: str  # FX node name in the joint graph
     tensor: str  # user-facing name: module path and op
-    action: str  # "keep" or "recompute"
+    action: str  # one of ACTIONS
     bytes: int
     added_ms: float
     reason: str
     source: str | None = None  # "model.py:41" when known
+    key: str = ""  # stable across retracing: what a saved plan is matched by (planner.decision_keys)
+    bits: int | None = None  # quantized width ("quantize", "offload-quantized")
+    error: float = 0.0  # expected relative squared error the decision puts in the tensor
+
+    @property
+    def planned_action(self) -> str:
+        """The action as the program names it: ``quantize:8``, ``offload``, ``keep``."""
+        return self.action if self.bits is None else f"{self.action}:{self.bits}"
+
+    @property
+    def label(self) -> str:
+        """The action as printed: ``quantize:int8``, ``offload``."""
+        return self.action if self.bits is None else f"{self.action}:int{self.bits}"
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ValueError(f"unknown action {self.action!r}; expected one of {ACTIONS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphReordering:
+    """What memory-aware reordering did to one split graph (peaks include static memory)."""
+
+    graph: str  # "forward" or "backward"
+    method: str  # the scheduler whose order was kept, "original" when none beat the given order
+    peak_before_bytes: int  # simulated peak in the partitioner's order
+    peak_after_bytes: int  # simulated peak in the kept order
+    inductor_reorder: bool  # whether Inductor's own reorder_for_peak_memory still runs on it
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruning:
+    """What sparse-backward pruning removed from one joint graph (``trainable=``).
+
+    Saved bytes are the forward tensors the backward reads (what a save-everything cut
+    keeps); FLOPs are torch's formulas over the backward's ops.
+    """
+
+    frozen_parameters: tuple[str, ...]  # get no gradient
+    partial_parameters: tuple[str, ...]  # gradient computed on the trained rows only
+    saved_bytes_before: int
+    saved_bytes_after: int
+    backward_flops_before: float
+    backward_flops_after: float
+    backward_nodes_before: int
+    backward_nodes_after: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +108,8 @@ class Plan:
     decisions: tuple[Decision, ...]
     timeline_bytes: tuple[int, ...] = ()
     num_forward_steps: int = 0
+    reordering: tuple[GraphReordering, ...] = ()
+    pruning: Pruning | None = None
 
     def saved_nodes(self) -> set[str]:
         return {d.node for d in self.decisions if d.action == "keep"}
@@ -57,6 +118,7 @@ class Plan:
         data = dataclasses.asdict(self)
         data["decisions"] = [dataclasses.asdict(d) for d in self.decisions]
         data["timeline_bytes"] = list(self.timeline_bytes)
+        data["reordering"] = [dataclasses.asdict(r) for r in self.reordering]
         return {"schema": SCHEMA, **data}
 
     @classmethod
@@ -66,6 +128,9 @@ class Plan:
         fields = {k: v for k, v in data.items() if k != "schema"}
         fields["decisions"] = tuple(Decision(**d) for d in fields["decisions"])
         fields["timeline_bytes"] = tuple(fields.get("timeline_bytes", ()))
+        fields["reordering"] = tuple(GraphReordering(**r) for r in fields.get("reordering", ()))
+        pruning = fields.get("pruning")
+        fields["pruning"] = _pruning_from_json(pruning) if pruning else None
         return cls(**fields)
 
     def dumps(self) -> str:
@@ -73,6 +138,27 @@ class Plan:
 
     def __str__(self) -> str:
         return format_plan(self)
+
+
+def load_plans(source: Any) -> list[Plan]:
+    """Plans from a ``Plan``, a list of them, or a JSON file holding one plan
+    (``Plan.dumps``) or several (``graphopt plan --json``: ``{"plans": [...]}``)."""
+    if isinstance(source, Plan):
+        return [source]
+    if isinstance(source, (list, tuple)) and all(isinstance(p, Plan) for p in source):
+        return list(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise GraphoptError(f"plan= takes a Plan, a list of Plans or a path to a JSON plan, got {type(source).__name__}")
+    try:
+        with open(source, encoding="utf-8") as file:
+            data = json.load(file)
+    except (OSError, ValueError) as error:
+        raise GraphoptError(f"cannot read the plan {os.fspath(source)!r}: {error}") from error
+    entries = data.get("plans", [data]) if isinstance(data, dict) else None
+    try:
+        return [Plan.from_json(entry) for entry in entries]
+    except (TypeError, ValueError, KeyError) as error:
+        raise GraphoptError(f"{os.fspath(source)!r} is not a graphopt plan: {error}") from error
 
 
 def format_plan(plan: Plan, *, max_rows: int = 40) -> str:
@@ -84,21 +170,63 @@ def format_plan(plan: Plan, *, max_rows: int = 40) -> str:
     ]
     kept = [d for d in plan.decisions if d.action == "keep"]
     recomputed = [d for d in plan.decisions if d.action == "recompute"]
+    moved = [d for d in plan.decisions if d.action not in ("keep", "recompute")]
     lines.append(
         f"  {len(kept)} tensors kept ({format_bytes(sum(d.bytes for d in kept))}), "
         f"{len(recomputed)} recomputed ({format_bytes(sum(d.bytes for d in recomputed))})"
+        + "".join(f", {count} {label} ({format_bytes(size)})" for label, count, size in _by_action(moved))
     )
+    if any(d.error for d in plan.decisions):
+        lines.append(f"  lossy: expected relative squared error {sum(d.error for d in plan.decisions):.3g} summed over tensors")
     rows = sorted(plan.decisions, key=lambda d: d.bytes, reverse=True)
     for decision in rows[:max_rows]:
         where = f"  [{decision.source}]" if decision.source else ""
         lines.append(
-            f"  {decision.action:<9} {format_bytes(decision.bytes):>10}  {decision.tensor}: {decision.reason}{where}"
+            f"  {decision.label:<9} {format_bytes(decision.bytes):>10}  {decision.tensor}: {decision.reason}{where}"
         )
     if len(rows) > max_rows:
         lines.append(f"  ... {len(rows) - max_rows} smaller decisions")
+    lines.extend(format_reordering(r) for r in plan.reordering)
+    if plan.pruning is not None:
+        lines.append(format_pruning(plan.pruning))
     if plan.timeline_bytes:
         lines.append(format_timeline(plan))
     return "\n".join(lines)
+
+
+def _by_action(decisions: list[Decision]) -> list[tuple[str, int, int]]:
+    """(label, count, bytes) per offload / quantize label, in a stable order."""
+    groups: dict[str, list[Decision]] = {}
+    for decision in decisions:
+        groups.setdefault(decision.label, []).append(decision)
+    return [(label, len(group), sum(d.bytes for d in group)) for label, group in sorted(groups.items())]
+
+
+def format_reordering(reordering: GraphReordering) -> str:
+    """One line: the graph's simulated peak before and after reordering, and who orders it."""
+    saved = reordering.peak_before_bytes - reordering.peak_after_bytes
+    inductor = "Inductor's reorder_for_peak_memory still on" if reordering.inductor_reorder else "Inductor keeps this order"
+    return (
+        f"  reorder {reordering.graph}: peak {format_bytes(reordering.peak_before_bytes)} -> "
+        f"{format_bytes(reordering.peak_after_bytes)} (saves {format_bytes(saved)}, {reordering.method}; {inductor})"
+    )
+
+
+def _pruning_from_json(data: dict[str, Any]) -> Pruning:
+    names = ("frozen_parameters", "partial_parameters")
+    return Pruning(**{key: tuple(value) if key in names else value for key, value in data.items()})
+
+
+def format_pruning(pruning: Pruning) -> str:
+    """What sparse backward removed: saved bytes and backward FLOPs, before -> after."""
+    flops_saved = 1 - pruning.backward_flops_after / pruning.backward_flops_before if pruning.backward_flops_before else 0.0
+    return (
+        f"  sparse backward: {len(pruning.frozen_parameters)} parameters frozen, {len(pruning.partial_parameters)} "
+        f"partly trained; saved tensors {format_bytes(pruning.saved_bytes_before)} -> "
+        f"{format_bytes(pruning.saved_bytes_after)}, backward {pruning.backward_flops_before / 1e9:.3g} -> "
+        f"{pruning.backward_flops_after / 1e9:.3g} GFLOP ({flops_saved:.0%} less), "
+        f"{pruning.backward_nodes_before} -> {pruning.backward_nodes_after} backward ops"
+    )
 
 
 def format_timeline(plan: Plan, *, width: int = 60, height: int = 8) -> str:

@@ -18,15 +18,21 @@ from collections.abc import Sequence
 import torch.fx as fx
 
 from . import torch_private
+from .alternatives import AlternativeSettings
 from .analysis import Analysis, NodeCost, analyze, parameter_bytes
 from .budget import format_bytes
 from .config import Options
 from .cost_models import MeasuredCostModel, estimate_node_cost
 from .cost_models.memory import graph_timeline, storage_owner
-from .errors import BudgetInfeasibleError
-from .plan import Decision, Plan
-from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, memory_timeline
+from .errors import BudgetInfeasibleError, PlanMismatchError
+from .passes.optimizer_in_backward import GraphParameters, GraphUpdates, OptimizerInBackward, apply_optimizer_in_backward, place_updates
+from .passes.reorder import reorder_graph
+from .passes.lower_saves import lower_saves
+from .passes.prune_frozen import prune_frozen
+from .plan import Decision, GraphReordering, Plan
+from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, action_error, action_ms, memory_timeline, parse_action
 from .solver import least_peak, solve
+from .trainable import GraphTrainable
 
 log = logging.getLogger("graphopt")
 
@@ -36,6 +42,19 @@ MAX_REPAIR_ROUNDS = 6
 SNUG_FRACTION = 0.02
 # Program budgets tried, evenly spaced, before reporting that nothing fits.
 SWEEP_POINTS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class GivenPlan:
+    """Decisions made elsewhere for one graph: decision key -> action (`decision_keys`).
+
+    A plan torch's min-cut made is applied by running min-cut again on the same graph:
+    its cut is more than the candidates it lists (it may save a tensor's view instead
+    of the tensor), and min-cut is deterministic.
+    """
+
+    actions: dict[str, str]
+    by_min_cut: bool = False
 
 
 @dataclasses.dataclass
@@ -49,7 +68,22 @@ class Session:
     options: Options
     plans: list[Plan] = dataclasses.field(default_factory=list)
     saved_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name
+    # Decisions to apply instead of solving, by graph name (a saved plan, or a plan
+    # composed from fewer blocks).
+    given: dict[str, GivenPlan] = dataclasses.field(default_factory=dict)
     _measured: MeasuredCostModel | None = None
+    # optimizer=: parameter updates run inside the backward (passes/optimizer_in_backward.py)
+    optimizer: OptimizerInBackward | None = dataclasses.field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.options.optimizer is not None:
+            self.optimizer = OptimizerInBackward(self.options.optimizer)
+
+    def graph_updates(self, joint, graph_parameters: GraphParameters | None) -> GraphUpdates:
+        """The parameter updates of one graph's backward (none without optimizer=)."""
+        if self.optimizer is None:
+            return GraphUpdates({}, 0)
+        return self.optimizer.updates_for(joint, graph_parameters)
 
     def other_graphs_bytes(self, graph: str, parameter_bytes: int) -> int:
         earlier = sum(size for name, size in self.saved_bytes.items() if name != graph)
@@ -77,43 +111,70 @@ def partition(
     *,
     num_fwd_outputs: int,
     static_lifetime_input_indices: Sequence[int] | None = None,
+    trainable: GraphTrainable | None = None,
+    graph_parameters: GraphParameters | None = None,
     **_: object,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """graphopt's partition function (the signature AOTAutograd and Inductor call)."""
+    """graphopt's partition function (the signature AOTAutograd and Inductor call).
+
+    `trainable` (bound by the backend) says which parameter inputs train; the rest are
+    pruned from the joint graph before it is analysed. `graph_parameters` (bound by the
+    backend with optimizer=) says which inputs are parameters updated in the backward:
+    their updates join the joint graph, and each split places them (`place_updates`).
+    """
     joint = torch_private.prepare_joint_graph(
         joint_module, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_lifetime_input_indices
     )
+    pruning = None
+    if trainable is not None and trainable.rows:
+        joint, pruning = prune_frozen(joint, trainable)
     if not torch_private.has_backward(joint):
         return torch_private.default_partition(
             joint.module, joint_inputs, num_fwd_outputs=num_fwd_outputs,
             static_lifetime_input_indices=static_lifetime_input_indices,
         )
     options = session.options
-    extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint))
+    updates = session.graph_updates(joint, graph_parameters)
+    joint = apply_optimizer_in_backward(joint, updates)
+    extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint)) + updates.optimizer_state_bytes
     analysis = analyze(
         joint,
         options.hardware,
         budget_bytes=options.memory_budget_bytes,
         extra_static_bytes=extra,
         node_cost=session.node_cost(),
+        alternatives=alternative_settings(options),
+        error_weight_ms=options.lossy_error_weight_ms,
     )
-    solution, forward, backward, predicted_peak = _torch_default(joint, joint_inputs, analysis)
-    if options.memory_budget_bytes is not None and predicted_peak > _usable(options):
+    given = session.given.get(graph_name)
+    # Every split is reordered (with reorder=True) before it is judged: a plan fits when
+    # its final graphs do.
+    if given is not None and not given.by_min_cut:
+        solution, forward, backward, predicted_peak = _apply_given(joint, analysis, given.actions, graph_name, options)
+    else:
+        solution, forward, backward, predicted_peak = _torch_default(joint, joint_inputs, analysis, options)
+    if given is None and _policy_demands_offload(analysis):  # min-cut ignores the user's offload tags
+        solution, forward, backward, predicted_peak = _solve_without_budget(joint, analysis, options)
+    if given is None and options.memory_budget_bytes is not None and predicted_peak > _usable(options):
         analysis = _learn_from_min_cut(analysis, solution)
         solution, forward, backward, predicted_peak = _solve_and_split(joint, analysis, options, predicted_peak)
-    plan = build_plan(graph_name, analysis, solution, predicted_peak, forward)
+    reordering = forward.meta.get(_REORDERING, ())
+    plan = build_plan(graph_name, analysis, solution, predicted_peak, forward, backward, reordering)
+    plan = dataclasses.replace(plan, pruning=pruning)
+    plan = _with_optimizer_memory(plan, updates)
     session.record(plan, sum(d.bytes for d in plan.decisions if d.action == "keep"))
     log.info("%s", plan)
     return forward, backward
 
 
-def _torch_default(joint, joint_inputs, analysis: Analysis):
+def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options):
     """torch's own min-cut, described as a plan.
 
     It is the fastest cut torch knows (it also weighs fusion, which our cost model does
     not), so whenever it fits the budget graphopt takes it and adds no time.
     """
     forward, backward = torch_private.min_cut_partition(joint, joint_inputs)
+    backward = place_updates(backward, joint)
     saved = {n.name for n in backward.graph.find_nodes(op="placeholder")}
     recomputed = {n.name for n in backward.graph.nodes if n.op == "call_function"}
     actions = tuple(
@@ -123,7 +184,62 @@ def _torch_default(joint, joint_inputs, analysis: Analysis):
     timeline = memory_timeline(analysis.problem, actions)
     added_ms = sum(c.recompute_ms for c, a in zip(analysis.problem.candidates, actions) if a == RECOMPUTE)
     solution = Solution(actions, max(timeline), added_ms, "torch-min-cut")
+    if options.reorder:
+        _reorder(analysis, forward, backward)
     return solution, forward, backward, _simulate(analysis, forward, backward)
+
+
+def _apply_given(joint, analysis: Analysis, given: dict[str, str], graph_name: str, options: Options):
+    """The split for decisions made elsewhere (a saved plan), matched by decision key.
+
+    The given plan lists the tensors of nonzero size it keeps or recomputes; every
+    other candidate is dropped unless the backward or a recomputed tensor needs it.
+    Then it is kept if it can be: a zero-size output costs nothing, and a tensor torch's
+    min-cut saved through a view of it is held by that view anyway (the simulation
+    counts one storage). A view, which cannot be kept, is recomputed from its base. A key this graph lacks means the
+    plan was made for another model or other shapes: that is an error, not a guess.
+    """
+    keys = decision_keys(analysis.candidate_nodes)
+    unknown = sorted(set(given) - set(keys))
+    if unknown:
+        raise PlanMismatchError(
+            f"the given plan does not match {graph_name}: {len(unknown)} of its {len(given)} decisions name tensors "
+            f"this graph does not have (first: {unknown[0]!r}); was it made for another model, shapes or torch version?"
+        )
+    candidates = analysis.problem.candidates
+    actions: list[str | None] = [given.get(key) for key in keys]
+    needed = [c.needed_by_backward for c in candidates]
+    for index in range(len(candidates) - 1, -1, -1):  # readers come after what they read
+        if actions[index] is None:
+            actions[index] = DROP if not needed[index] else KEEP if candidates[index].can_keep else RECOMPUTE
+        if actions[index] == RECOMPUTE:
+            for source in candidates[index].inputs:
+                needed[source] = True
+    for candidate, action in zip(candidates, actions):
+        if action == RECOMPUTE and not candidate.can_recompute:
+            raise PlanMismatchError(f"the given plan recomputes {candidate.name} in {graph_name}, which cannot be recomputed")
+        if action not in (KEEP, RECOMPUTE, DROP) and candidate.alternative(action) is None:
+            raise PlanMismatchError(
+                f"the given plan says {action} for {candidate.name} in {graph_name}, which these options do not allow; "
+                "pass the allow_lossy / quantize_bits / hardware it was made with"
+            )
+    added_ms = sum(action_ms(c, a) for c, a in zip(candidates, actions))
+    error = sum(action_error(c, a) for c, a in zip(candidates, actions))
+    solution = Solution(tuple(actions), max(memory_timeline(analysis.problem, actions)), added_ms, "given plan", error=error)
+    forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution, options)
+    return solution, forward, backward, predicted_peak
+
+
+def _with_optimizer_memory(plan: Plan, updates: GraphUpdates) -> Plan:
+    """The plan's static memory with optimizer=: the optimizer state, planned as memory
+    outside this graph like the other graphs', shown on its own. (The gradients the
+    updates consume are no backward outputs, so "gradients" no longer counts them.)"""
+    if not updates.optimizer_state_bytes:
+        return plan
+    memory = dict(plan.memory)
+    memory["other graphs"] -= updates.optimizer_state_bytes
+    memory["optimizer state"] = updates.optimizer_state_bytes
+    return dataclasses.replace(plan, memory=memory)
 
 
 def _learn_from_min_cut(analysis: Analysis, min_cut: Solution) -> Analysis:
@@ -158,7 +274,7 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
         solution = solve(dataclasses.replace(problem, budget_bytes=target), time_limit_s=options.solver_time_limit_s)
         if solution is None:  # below the model's least peak, which is conservative: try that plan
             solution = least_peak(problem, time_limit_s=options.solver_time_limit_s)
-        forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution)
+        forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution, options)
         least = min(least, predicted_peak)
         if predicted_peak <= budget:
             if best is None or solution.added_ms < best[0].added_ms:
@@ -188,7 +304,7 @@ def _sweep(joint, analysis: Analysis, options: Options, least_seen: int):
         solution = floor if step == 0 else solve(program, time_limit_s=options.solver_time_limit_s)
         if solution is None:
             continue
-        forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution)
+        forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution, options)
         if predicted_peak <= budget:
             return solution, forward, backward, predicted_peak
         if predicted_peak < least:
@@ -201,18 +317,83 @@ def _usable(options: Options) -> int:
     return int(options.memory_budget_bytes * (1 - options.prediction_headroom))
 
 
-def _split_and_simulate(joint, analysis: Analysis, solution: Solution):
+def alternative_settings(options: Options) -> AlternativeSettings:
+    """The offload / quantize choices the options allow: lossy widths only when the user
+    opted in; offload only where a host link can pay (not on a CPU)."""
+    offload = options.hardware is not None and options.hardware.device_type != "cpu"
+    return AlternativeSettings(quantize_bits=options.quantize_bits, offload=offload)
+
+
+def _policy_demands_offload(analysis: Analysis) -> bool:
+    """A user's MUST_CPU_OFFLOAD tag left offloading as a tensor's only choice. torch's
+    min-cut ignores such tags, so the fastest plan that honours them replaces it as the
+    reference the budget is checked against."""
+    return any(c.alternatives and not c.can_keep and not c.can_recompute for c in analysis.problem.candidates)
+
+
+def _solve_without_budget(joint, analysis: Analysis, options: Options):
+    """The fastest plan that honours the user's constraints, whatever its peak."""
+    unbounded = sum(analysis.problem.base_bytes) + sum(c.size_bytes for c in analysis.problem.candidates)
+    problem = dataclasses.replace(analysis.problem, budget_bytes=max(analysis.problem.base_bytes) + unbounded)
+    solution = solve(problem, time_limit_s=options.solver_time_limit_s)
+    assert solution is not None, "a budget above every tensor together always fits"
+    return solution, *_split_and_simulate(joint, analysis, solution, options)
+
+
+def _split_and_simulate(joint, analysis: Analysis, solution: Solution, options: Options):
     saved = saved_nodes(joint, analysis, solution.actions)
-    forward, backward = torch_private.split_joint_graph(joint, saved)
+    if all(action in (KEEP, RECOMPUTE, DROP) for action in solution.actions):
+        forward, backward = torch_private.split_joint_graph(joint, saved)
+    else:  # offload / quantize: split a copy of the joint graph that carries them
+        lowered = lower_saves(joint, saved, analysis.candidate_nodes, solution.actions, host_is_device=analysis.host_is_device)
+        forward, backward = torch_private.split_joint_graph(joint, lowered.saved, lowered.module)
+    backward = place_updates(backward, joint)
+    if options.reorder:
+        _reorder(analysis, forward, backward)
     return forward, backward, _simulate(analysis, forward, backward)
 
 
 def _simulate(analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule) -> int:
     """Peak of the real split graphs, freed as Inductor frees them."""
+    return max(_simulated_timeline(analysis, forward, backward))
+
+
+def _simulated_timeline(analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule) -> list[int]:
+    """Bytes in use after each node of the forward, then of the backward, static included."""
     static = analysis.static_bytes + analysis.extra_static_bytes
-    forward_peak = max(graph_timeline(forward), default=0)
-    backward_peak = max(graph_timeline(backward, _backward_owned_inputs(analysis, backward)), default=0)
-    return static + max(forward_peak, backward_peak)
+    steps = graph_timeline(forward) + graph_timeline(backward, _backward_owned_inputs(analysis, backward))
+    return [static + live for live in steps] or [static]
+
+
+_REORDERING = "graphopt_reordering"  # forward.meta key: what `_reorder` did to the split
+
+
+def _reorder(analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule) -> tuple[GraphReordering, ...]:
+    """Memory-aware order of both graphs, in place (graphopt/passes/reorder.py).
+
+    A graph whose order graphopt changed beat Inductor's own heuristics on the
+    simulation, so Inductor is told to keep it; otherwise Inductor reorders as usual.
+    """
+    static = analysis.static_bytes + analysis.extra_static_bytes
+    results = []
+    for name, graph_module, owned in (
+        ("forward", forward, None),
+        ("backward", backward, _backward_owned_inputs(analysis, backward)),
+    ):
+        result = reorder_graph(graph_module, owned)
+        if result.reordered:
+            torch_private.keep_order_through_inductor(graph_module)
+        results.append(
+            GraphReordering(
+                graph=name,
+                method=result.method,
+                peak_before_bytes=static + result.peak_before_bytes,
+                peak_after_bytes=static + result.peak_after_bytes,
+                inductor_reorder=not result.reordered,
+            )
+        )
+    forward.meta[_REORDERING] = tuple(results)
+    return tuple(results)
 
 
 def _backward_owned_inputs(analysis: Analysis, backward: fx.GraphModule) -> dict[str, object]:
@@ -270,19 +451,31 @@ def _infeasible(analysis: Analysis, options: Options, least: int, best: Solution
 # ----------------------------------------------------------------------------- plan
 
 
-def build_plan(graph: str, analysis: Analysis, solution: Solution, predicted_peak: int, forward: fx.GraphModule) -> Plan:
+def build_plan(
+    graph: str,
+    analysis: Analysis,
+    solution: Solution,
+    predicted_peak: int,
+    forward: fx.GraphModule,
+    backward: fx.GraphModule,
+    reordering: tuple[GraphReordering, ...] = (),
+) -> Plan:
     problem = analysis.problem
     decisions = []
-    for node, candidate, action in zip(analysis.candidate_nodes, problem.candidates, solution.actions):
+    keys = decision_keys(analysis.candidate_nodes)
+    for node, key, candidate, action in zip(analysis.candidate_nodes, keys, problem.candidates, solution.actions):
         if action == DROP or candidate.size_bytes == 0:
             continue
         decisions.append(
             Decision(
                 node=node.name,
+                key=key,
                 tensor=tensor_name(node),
-                action=action,
+                action=parse_action(action)[0],
+                bits=parse_action(action)[1],
+                error=action_error(candidate, action),
                 bytes=candidate.size_bytes,
-                added_ms=candidate.recompute_ms if action == RECOMPUTE else 0.0,
+                added_ms=action_ms(candidate, action),
                 reason=_reason(node, candidate, action, problem, solution.method),
                 source=source_line(node),
             )
@@ -302,14 +495,18 @@ def build_plan(graph: str, analysis: Analysis, solution: Solution, predicted_pea
         solve_s=solution.solve_s,
         memory=memory,
         decisions=tuple(decisions),
-        timeline_bytes=tuple(memory_timeline(problem, solution.actions)),
-        num_forward_steps=problem.num_forward_steps,
+        # The simulation of the split graphs in their final order, as predicted_peak is.
+        timeline_bytes=tuple(_simulated_timeline(analysis, forward, backward)),
+        num_forward_steps=len(forward.graph.nodes),
+        reordering=reordering,
     )
 
 
 def _reason(node: fx.Node, candidate, action: str, problem: Problem, method: str) -> str:
     if method == "torch-min-cut":
         return f"{'kept' if action == KEEP else 'recomputed'} by torch's min-cut, which fits the budget"
+    if method == "given plan":
+        return f"{action}: as the given plan says"
     if action == KEEP:
         if torch_private.is_random(node):
             return "kept: a random draw, the backward must see the same values"
@@ -319,6 +516,8 @@ def _reason(node: fx.Node, candidate, action: str, problem: Problem, method: str
         if not candidate.can_recompute:
             return "kept: cannot be recomputed (must stay in the forward)"
         return f"kept: recomputing would add {candidate.recompute_ms:.3f} ms and the budget has room"
+    if action not in (RECOMPUTE, DROP):
+        return _alternative_reason(node, candidate, action)
     span = candidate.backward_last_use - candidate.free_at
     return (
         f"recompute: {candidate.recompute_ms:.3f} ms to redo, frees {format_bytes(candidate.size_bytes)} "
@@ -326,18 +525,55 @@ def _reason(node: fx.Node, candidate, action: str, problem: Problem, method: str
     )
 
 
+def _alternative_reason(node: fx.Node, candidate, action: str) -> str:
+    """Why a tensor is offloaded or quantized: what it holds instead, what it costs."""
+    alternative = candidate.alternative(action)
+    kind, bits = parse_action(action)
+    held = max((size for _, _, size in alternative.intervals if size < candidate.size_bytes), default=0)
+    if torch_private.checkpoint_policy(node) == "MUST_CPU_OFFLOAD":
+        why = "the user's checkpoint policy says MUST_CPU_OFFLOAD"
+    elif kind == "offload":
+        why = "the host link hides most of the copy"
+    else:
+        why = f"{format_bytes(held)} held instead of {format_bytes(candidate.size_bytes)} until the backward needs it"
+    error = f", expected relative squared error {alternative.error:.2g}" if alternative.error else ""
+    width = f" to int{bits}" if bits else ""
+    return f"{kind}{width}: {why}; adds {alternative.added_ms:.3f} ms{error}"
+
+
 def tensor_name(node: fx.Node) -> str:
     """Module path and op: ``layers.0.mlp.fc1: addmm``."""
+    path = module_path(node)
+    return f"{path}: {_op_name(node)}" if path else f"{node.name}: {_op_name(node)}"
+
+
+def decision_keys(nodes: Sequence[fx.Node]) -> list[str]:
+    """Names for candidates that survive retracing: ``blocks.0.mlp.fc1: addmm #0``.
+
+    FX node names shift whenever the graph changes (another block, another trace); the
+    module path, the op and how many earlier candidates share both do not. A saved plan
+    is matched to a graph by these keys.
+    """
+    seen: dict[str, int] = {}
+    keys = []
+    for node in nodes:
+        base = f"{module_path(node)}: {_op_name(node)}"
+        keys.append(f"{base} #{seen.get(base, 0)}")
+        seen[base] = seen.get(base, 0) + 1
+    return keys
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module that produced the node (``layers.0.mlp.fc1``), or ""."""
     stack = node.meta.get("nn_module_stack") or {}
-    path = ""
-    if stack:
-        raw = list(stack.values())[-1][0]
-        path = _clean_module_path(raw)
-    op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-    return f"{path}: {op}" if path else f"{node.name}: {op}"
+    return clean_module_path(list(stack.values())[-1][0]) if stack else ""
 
 
-def _clean_module_path(raw: str) -> str:
+def _op_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def clean_module_path(raw: str) -> str:
     previous = None
     path = raw
     while path != previous:  # getattr(getattr(L['self'].a, '0'), 'b') nests

@@ -1,4 +1,4 @@
-"""The keep/recompute problem as plain data, with no framework in it.
+"""The memory problem as plain data, with no framework in it.
 
 The timeline is the forward's steps ``0 .. num_forward_steps-1`` followed by the
 backward's. Memory at step ``t`` is ``base_bytes[t]`` (what no decision changes) plus:
@@ -6,7 +6,10 @@ backward's. Memory at step ``t`` is ``base_bytes[t]`` (what no decision changes)
 - a saved candidate ``i``: ``size_bytes`` from ``free_at + 1`` (when it would have been
   freed had nobody saved it) through ``backward_last_use``;
 - a recomputed candidate: ``size_bytes`` from ``backward_first_use`` (recomputed just
-  before it is first needed) through ``backward_last_use``.
+  before it is first needed) through ``backward_last_use``;
+- an alternative (offload, quantize, offload of a quantized copy): the bytes of each of
+  its ``intervals``, which the analysis derives from the candidate's lifetime and the
+  hardware (see ``Alternative``).
 
 ``evaluate`` is the reference semantics; the MILP in ``solver.py`` encodes the same sums.
 """
@@ -19,6 +22,49 @@ from collections.abc import Sequence
 KEEP = "keep"
 RECOMPUTE = "recompute"
 DROP = "drop"  # neither saved nor recomputed: only for tensors the backward does not read
+# Alternative kinds: ways to have a tensor in the backward other than keeping it whole.
+QUANTIZE = "quantize"  # save a per-group quantized copy, dequantize before first use
+OFFLOAD = "offload"  # copy to host memory, prefetch back before first use
+OFFLOAD_QUANTIZED = "offload-quantized"  # both: quantize, then offload the small copy
+ALTERNATIVE_KINDS = (QUANTIZE, OFFLOAD, OFFLOAD_QUANTIZED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Alternative:
+    """One more way to have a candidate in the backward, with what it costs.
+
+    ``intervals`` are ``(first step, last step, bytes)`` of device memory it holds, e.g.
+    for a quantized copy: the small copy from the forward to the dequantization, then
+    the full tensor from there to the last backward use. ``added_ms`` is the time it
+    adds (kernels, un-hidden transfer), ``error`` the expected relative squared error
+    it puts into the tensor (0 for exact choices; see docs/offload_quantize.md).
+    """
+
+    kind: str
+    bits: int | None  # quantized width; None: full precision
+    added_ms: float
+    intervals: tuple[tuple[int, int, int], ...]
+    error: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ALTERNATIVE_KINDS:
+            raise ValueError(f"unknown alternative kind {self.kind!r}; expected one of {ALTERNATIVE_KINDS}")
+        if (self.bits is None) != (self.kind == OFFLOAD):
+            raise ValueError(f"{self.kind} needs bits exactly when it quantizes")
+        for first, last, size in self.intervals:
+            if first > last or size < 0:
+                raise ValueError(f"bad interval ({first}, {last}, {size}) in {self.action}")
+
+    @property
+    def action(self) -> str:
+        """The action string a ``Solution`` carries: ``"offload"``, ``"quantize:8"``, ..."""
+        return self.kind if self.bits is None else f"{self.kind}:{self.bits}"
+
+
+def parse_action(action: str) -> tuple[str, int | None]:
+    """``"quantize:8"`` -> ``("quantize", 8)``; ``"keep"`` -> ``("keep", None)``."""
+    kind, _, bits = action.partition(":")
+    return kind, int(bits) if bits else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +81,16 @@ class Candidate:
     needed_by_backward: bool  # read by a backward op: it must be kept or recomputed
     can_recompute: bool = True
     can_keep: bool = True
+    alternatives: tuple[Alternative, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.can_keep and not self.can_recompute and self.needed_by_backward:
+        if not self.can_keep and not self.can_recompute and not self.alternatives and self.needed_by_backward:
             raise ValueError(f"candidate {self.name} can be neither kept nor recomputed")
         if self.backward_first_use > self.backward_last_use:
             raise ValueError(f"candidate {self.name}: first backward use after last use")
+
+    def alternative(self, action: str) -> Alternative | None:
+        return next((a for a in self.alternatives if a.action == action), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +99,8 @@ class Problem:
     base_bytes: tuple[int, ...]  # memory at each step that no decision changes
     num_forward_steps: int
     budget_bytes: int | None  # None: no constraint (used to find the least peak)
+    # Milliseconds the objective charges per unit of an alternative's ``error``.
+    error_weight_ms: float = 0.0
 
     @property
     def num_steps(self) -> int:
@@ -57,11 +109,12 @@ class Problem:
 
 @dataclasses.dataclass(frozen=True)
 class Solution:
-    actions: tuple[str, ...]  # one of KEEP / RECOMPUTE / DROP per candidate
+    actions: tuple[str, ...]  # KEEP / RECOMPUTE / DROP or an alternative's action, per candidate
     peak_bytes: int
     added_ms: float
     method: str  # "milp-optimal", "milp-time-limit", "greedy", ...
     solve_s: float = 0.0
+    error: float = 0.0  # summed expected relative squared error of the lossy choices
 
 
 def memory_deltas(problem: Problem, actions: Sequence[str]) -> list[int]:
@@ -75,6 +128,10 @@ def memory_deltas(problem: Problem, actions: Sequence[str]) -> list[int]:
         elif action == RECOMPUTE:
             delta[candidate.backward_first_use] += size
             delta[candidate.backward_last_use + 1] -= size
+        elif action != DROP:
+            for first, last, held in candidate.alternative(action).intervals:
+                delta[first] += held
+                delta[last + 1] -= held
     return delta
 
 
@@ -88,13 +145,19 @@ def memory_timeline(problem: Problem, actions: Sequence[str]) -> list[int]:
 
 
 def check_actions(problem: Problem, actions: Sequence[str]) -> list[str]:
-    """Violated rules (empty when the actions are a valid plan)."""
+    """Violated rules (empty when the actions are a valid plan).
+
+    An offloaded or quantized tensor is available in the backward (prefetched or
+    dequantized before its window), so a recomputation may read it.
+    """
     errors = []
     for index, (candidate, action) in enumerate(zip(problem.candidates, actions)):
         if action == DROP and candidate.needed_by_backward:
             errors.append(f"{candidate.name} is read by the backward but neither kept nor recomputed")
         if action == KEEP and not candidate.can_keep:
             errors.append(f"{candidate.name} may not be kept")
+        if action not in (KEEP, RECOMPUTE, DROP) and candidate.alternative(action) is None:
+            errors.append(f"{candidate.name} may not be {action}")
         if action == RECOMPUTE:
             if not candidate.can_recompute:
                 errors.append(f"{candidate.name} may not be recomputed")
@@ -104,9 +167,24 @@ def check_actions(problem: Problem, actions: Sequence[str]) -> list[str]:
     return errors
 
 
+def action_ms(candidate: Candidate, action: str) -> float:
+    """Time the action adds to the step."""
+    if action == RECOMPUTE:
+        return candidate.recompute_ms
+    if action in (KEEP, DROP):
+        return 0.0
+    return candidate.alternative(action).added_ms
+
+
+def action_error(candidate: Candidate, action: str) -> float:
+    alternative = candidate.alternative(action) if action not in (KEEP, RECOMPUTE, DROP) else None
+    return alternative.error if alternative is not None else 0.0
+
+
 def evaluate(problem: Problem, actions: Sequence[str], method: str, solve_s: float = 0.0) -> Solution:
     errors = check_actions(problem, actions)
     if errors:
         raise ValueError("invalid plan: " + "; ".join(errors[:5]))
-    added_ms = sum(c.recompute_ms for c, a in zip(problem.candidates, actions) if a == RECOMPUTE)
-    return Solution(tuple(actions), max(memory_timeline(problem, actions)), added_ms, method, solve_s)
+    added_ms = sum(action_ms(c, a) for c, a in zip(problem.candidates, actions))
+    error = sum(action_error(c, a) for c, a in zip(problem.candidates, actions))
+    return Solution(tuple(actions), max(memory_timeline(problem, actions)), added_ms, method, solve_s, error)

@@ -1,30 +1,37 @@
-"""Choosing keep / recompute per candidate: a mixed-integer program, with a greedy fallback.
+"""Choosing keep / recompute / offload / quantize per candidate: a mixed-integer program,
+with a greedy fallback.
 
 This is the only module that imports pulp. It sees a ``Problem`` (plain lists of sizes,
 costs and lifetimes) and returns a ``Solution``; it never sees an FX node.
 
-The program, with binaries ``s_i`` (keep) and ``r_i`` (recompute):
+The program, with binaries ``s_i`` (keep), ``r_i`` (recompute) and ``a_ik`` (the
+candidate's k-th alternative: offload, quantize(bits), offload of a quantized copy):
 
-    minimise   Σ r_i·recompute_ms_i  +  ε·Σ s_i·MB_i           (ε only breaks ties)
-    subject to s_i + r_i = 1              if the backward reads i, else ≤ 1
-               r_i ≤ s_j + r_j            for every input j of i's producer
+    minimise   Σ r_i·recompute_ms_i + Σ a_ik·(ms_ik + λ·error_ik)  +  ε·Σ s_i·MB_i
+    subject to s_i + r_i + Σ_k a_ik = 1   if the backward reads i, else ≤ 1
+               r_i ≤ s_j + r_j + Σ_k a_jk for every input j of i's producer
                D_k = D_{k-1} + Σ (changes at event k)
                D_k + max base(segment k) ≤ budget
 
-Decision-dependent memory changes only at a few events (a kept tensor outlives its
-forward use; a recomputed one appears; either dies after its last use), so one running
-sum ``D_k`` per event keeps the program sparse: O(candidates) rows instead of
-O(candidates × steps).
+(λ is ``problem.error_weight_ms``; ε only breaks ties.) Decision-dependent memory
+changes only at a few events (a kept tensor outlives its forward use; a recomputed one
+appears; an alternative's intervals open and close; each dies after its last use), so
+one running sum ``D_k`` per event keeps the program sparse: O(candidates ×
+alternatives) rows instead of O(candidates × steps).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
+import sys
 import time
 from collections.abc import Callable
 
 import pulp
 
-from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, evaluate, memory_timeline
+from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, action_ms, evaluate, memory_timeline
 
 MB = 2**20
 # One MB kept costs as much as this many ms: small enough never to trade real time for
@@ -65,7 +72,7 @@ def solve(
 
 def least_peak(problem: Problem, *, time_limit_s: float = 30.0) -> Solution:
     """The plan of least peak memory (ignores the budget)."""
-    unconstrained = Problem(problem.candidates, problem.base_bytes, problem.num_forward_steps, None)
+    unconstrained = dataclasses.replace(problem, budget_bytes=None)
     solution = solve(unconstrained, time_limit_s=time_limit_s)
     assert solution is not None, "the least-peak program always has a solution"
     return solution
@@ -77,26 +84,58 @@ def least_peak(problem: Problem, *, time_limit_s: float = 30.0) -> Solution:
 def _solver(time_limit_s: float, relative_gap: float) -> pulp.LpSolver:
     highs = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=relative_gap, output_flag=False)
     if highs.available():
+        _spend_highs_banner()
         return highs
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=relative_gap)
 
 
+@functools.cache
+def _spend_highs_banner() -> None:
+    """HiGHS prints a banner to stdout on the first instance a process makes, before any
+    option can silence it; make that instance with stdout (the file descriptor, where
+    the C++ library writes) pointed at /dev/null."""
+    import highspy
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _solve_milp(problem: Problem, time_limit_s: float, relative_gap: float) -> tuple[list[str] | None, str]:
     program = pulp.LpProblem("graphopt_keep_recompute", pulp.LpMinimize)
-    keep, recompute = _decision_variables(program, problem)
+    keep, recompute, alternatives = _decision_variables(program, problem)
     peak = _variable(program, "peak_mb", lowBound=0) if problem.budget_bytes is None else None
 
+    available = [keep[i] + recompute[i] + pulp.lpSum(alternatives[i]) for i in range(len(problem.candidates))]
     for index, candidate in enumerate(problem.candidates):
-        chosen = keep[index] + recompute[index]
+        chosen = available[index]
         program += (chosen == 1) if candidate.needed_by_backward else (chosen <= 1)
         if candidate.can_recompute:
             for input_index in candidate.inputs:
-                program += recompute[index] <= keep[input_index] + recompute[input_index]
+                program += recompute[index] <= available[input_index]
 
-    _add_memory_rows(program, problem, keep, recompute, peak)
+    _add_memory_rows(program, problem, keep, recompute, alternatives, peak)
 
     time_ms = pulp.lpSum(c.recompute_ms * recompute[i] for i, c in enumerate(problem.candidates))
+    time_ms += pulp.lpSum(
+        (alternative.added_ms + problem.error_weight_ms * alternative.error) * alternatives[i][k]
+        for i, c in enumerate(problem.candidates)
+        for k, alternative in enumerate(c.alternatives)
+    )
     tie_break = pulp.lpSum(TIE_BREAK_MS_PER_MB * c.size_bytes / MB * keep[i] for i, c in enumerate(problem.candidates))
+    # At equal time, keeping beats an offload whose copy the model says is hidden: the
+    # copies still share one link and pinned memory the model does not price.
+    tie_break += pulp.lpSum(
+        2 * TIE_BREAK_MS_PER_MB * c.size_bytes / MB * variable
+        for i, c in enumerate(problem.candidates)
+        for variable in alternatives[i]
+    )
     if peak is None:
         program += time_ms + tie_break
     else:
@@ -109,14 +148,17 @@ def _solve_milp(problem: Problem, time_limit_s: float, relative_gap: float) -> t
     program.solve(_solver(time_limit_s, relative_gap))
     status = pulp.LpStatus[program.status]
     found = program.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
-    if not found or not _has_incumbent(keep, recompute):
+    if not found or not _has_incumbent(keep + recompute + [v for row in alternatives for v in row]):
         return None, status.lower()
     actions = []
-    for index in range(len(problem.candidates)):
+    for index, candidate in enumerate(problem.candidates):
+        chosen = [a.action for a, variable in zip(candidate.alternatives, alternatives[index]) if _is_one(variable)]
         if _is_one(keep[index]):
             actions.append(KEEP)
         elif _is_one(recompute[index]):
             actions.append(RECOMPUTE)
+        elif chosen:
+            actions.append(chosen[0])
         else:
             actions.append(DROP)
     label = "optimal" if status == "Optimal" else "time-limit"
@@ -130,18 +172,25 @@ def _variable(program: pulp.LpProblem, name: str, **kwargs) -> pulp.LpVariable:
     return pulp.LpVariable(name, **kwargs)
 
 
-def _decision_variables(program: pulp.LpProblem, problem: Problem) -> tuple[list, list]:
-    keep, recompute = [], []
+def _decision_variables(program: pulp.LpProblem, problem: Problem) -> tuple[list, list, list[list]]:
+    keep, recompute, alternatives = [], [], []
     for index, candidate in enumerate(problem.candidates):
         keep.append(_variable(program, f"keep_{index}", cat="Binary") if candidate.can_keep else 0)
         recompute.append(_variable(program, f"recompute_{index}", cat="Binary") if candidate.can_recompute else 0)
-    return keep, recompute
+        alternatives.append(
+            [_variable(program, f"alternative_{index}_{k}", cat="Binary") for k in range(len(candidate.alternatives))]
+        )
+    return keep, recompute, alternatives
 
 
-def _add_memory_rows(program: pulp.LpProblem, problem: Problem, keep: list, recompute: list, peak) -> None:
+def _add_memory_rows(program: pulp.LpProblem, problem: Problem, keep: list, recompute: list, alternatives: list, peak) -> None:
     """Running sums of decision memory at each event; one budget row per segment."""
     changes: dict[int, list] = {}
     for index, candidate in enumerate(problem.candidates):
+        for alternative, variable in zip(candidate.alternatives, alternatives[index]):
+            for first, last, held in alternative.intervals:
+                changes.setdefault(first, []).append(held / MB * variable)
+                changes.setdefault(last + 1, []).append(-held / MB * variable)
         size_mb = candidate.size_bytes / MB
         if size_mb == 0:
             continue
@@ -171,15 +220,17 @@ def _is_one(variable) -> bool:
     return value is not None and value > 0.5
 
 
-def _has_incumbent(keep: list, recompute: list) -> bool:
-    return all(_value(v) is not None for v in keep + recompute)
+def _has_incumbent(variables: list) -> bool:
+    return all(_value(v) is not None for v in variables)
 
 
 # ----------------------------------------------------------------------------- greedy
 
 
 def greedy(problem: Problem) -> Solution | None:
-    """Keep everything the backward reads, then recompute the most bytes per ms until it fits.
+    """Keep everything the backward reads, then recompute (or offload, or quantize) the
+    most bytes per ms until it fits: for each kept tensor, the cheapest move that lowers
+    the peak.
 
     Always valid, rarely optimal: the fallback when the MILP finds nothing in time.
     """
@@ -198,21 +249,39 @@ def greedy(problem: Problem) -> Solution | None:
     while improved and (budget is None or peak > budget):
         improved = False
         for index in order:
-            if actions[index] != KEEP or not problem.candidates[index].can_recompute:
+            if actions[index] != KEEP:
                 continue
-            trial = list(actions)
-            trial[index] = RECOMPUTE
-            for input_index in problem.candidates[index].inputs:
-                if trial[input_index] == DROP:
-                    _make_available(problem, trial, input_index)
-            trial_peak = max(memory_timeline(problem, trial))
-            if trial_peak < peak:
-                actions, peak, improved = trial, trial_peak, True
-                if budget is not None and peak <= budget:
+            for move in _moves(problem, index):
+                trial = list(actions)
+                trial[index] = move
+                if move == RECOMPUTE:
+                    for input_index in problem.candidates[index].inputs:
+                        if trial[input_index] == DROP:
+                            _make_available(problem, trial, input_index)
+                trial_peak = max(memory_timeline(problem, trial))
+                if trial_peak < peak:
+                    actions, peak, improved = trial, trial_peak, True
                     break
+            if improved and budget is not None and peak <= budget:
+                break
     if budget is not None and peak > budget:
         return None
     return evaluate(problem, actions, "greedy")
+
+
+def _moves(problem: Problem, index: int) -> list[str]:
+    """What a kept candidate could do instead, cheapest first (time plus error penalty)."""
+    candidate = problem.candidates[index]
+    moves = [RECOMPUTE] if candidate.can_recompute else []
+    moves += [a.action for a in candidate.alternatives]
+    return sorted(moves, key=lambda move: _charged_ms(problem, index, move))
+
+
+def _charged_ms(problem: Problem, index: int, action: str) -> float:
+    candidate = problem.candidates[index]
+    alternative = candidate.alternative(action) if action != RECOMPUTE else None
+    penalty = problem.error_weight_ms * alternative.error if alternative is not None else 0.0
+    return action_ms(candidate, action) + penalty
 
 
 def _make_available(problem: Problem, actions: list[str], index: int) -> None:
@@ -221,6 +290,9 @@ def _make_available(problem: Problem, actions: list[str], index: int) -> None:
     candidate = problem.candidates[index]
     if candidate.can_keep:
         actions[index] = KEEP
+        return
+    if not candidate.can_recompute and candidate.alternatives:  # a user's offload policy
+        actions[index] = min(_moves(problem, index), key=lambda move: _charged_ms(problem, index, move))
         return
     actions[index] = RECOMPUTE
     for input_index in candidate.inputs:

@@ -1,4 +1,4 @@
-"""Every use of PyTorch's private AOTAutograd / partitioner / Inductor API lives here.
+"""Every use of PyTorch's private AOTAutograd / partitioner / Inductor / fake-tensor API lives here.
 
 graphopt supports torch >=2.11,<2.15. When torch changes one of these internals, this is
 the one file that changes. The rest of graphopt sees plain functions with stable
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,9 +19,15 @@ import torch._dynamo.exc
 import torch.fx as fx
 from torch._functorch import config as _functorch_config
 from torch._functorch import partitioners as _partitioners
+from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.compile_utils import fx_graph_cse
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch._inductor.decomposition import select_decomp_table
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx import traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import is_sym_node
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_iter
 from torch.utils.checkpoint import CheckpointPolicy
 
 PartitionFn = Callable[..., tuple[fx.GraphModule, fx.GraphModule]]
@@ -127,16 +134,20 @@ def _in_backward(node: fx.Node, node_info: Any) -> bool:
 
 
 def has_backward(joint: JointGraph) -> bool:
-    return len(joint.node_info.required_bw_nodes) > 0
+    """Whether the graph computes a gradient (pruning frozen parameters can leave none)."""
+    return len(joint.node_info.required_bw_nodes) > 0 and len(joint.backward_outputs) > 0
 
 
-def split_joint_graph(joint: JointGraph, saved: Sequence[fx.Node]) -> tuple[fx.GraphModule, fx.GraphModule]:
+def split_joint_graph(
+    joint: JointGraph, saved: Sequence[fx.Node], module: fx.GraphModule | None = None
+) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Forward and backward modules that pass exactly `saved` (plus needed SymInts) between them.
 
     Everything else the backward needs is recomputed in it; torch's reordering then moves
-    each recomputation next to its first use, as the autograd engine would.
+    each recomputation next to its first use, as the autograd engine would. `module` is
+    a rewritten copy of the joint graph to split instead (``passes.lower_saves``).
     """
-    module = joint.module
+    module = module if module is not None else joint.module
     saved_values = [n for n in saved if not is_sym_node(n) and not _partitioners.is_opaque_node(n)]
     saved_opaque = [n for n in saved if _partitioners.is_opaque_node(n)]
     saved_symbols = [n for n in saved if is_sym_node(n) and not _partitioners._is_assert_only_symbool(n)]
@@ -146,7 +157,7 @@ def split_joint_graph(joint: JointGraph, saved: Sequence[fx.Node]) -> tuple[fx.G
         saved_sym_nodes=saved_symbols,
         saved_opaque_nodes=saved_opaque,
         num_fwd_outputs=joint.num_fwd_outputs,
-        static_lifetime_input_nodes=joint.node_info.static_lifetime_input_nodes,
+        static_lifetime_input_nodes=_static_inputs_in(joint, module),
     )
     if _partitioners.has_recomputable_ops(module) and _partitioners.has_recomputable_rng_ops(module):
         forward, backward = _partitioners.functionalize_rng_ops(module, forward, backward, len(saved_symbols))
@@ -277,7 +288,7 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], par
 
     patches = {"custom_partitioner_fn": _Partitioner(partition_fn, uuid)}
     with _functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        return compile_fx(gm, example_inputs, inner_compile=_compile_graph_as_planned, config_patches=patches)
 
 
 def compile_without_codegen(gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn) -> Callable:
@@ -288,7 +299,6 @@ def compile_without_codegen(gm: fx.GraphModule, example_inputs: Sequence[Any], p
     """
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
-    from torch._inductor.decomposition import select_decomp_table
 
     def run_graph(graph_module: fx.GraphModule, _inputs: Sequence[Any]) -> Callable:
         return make_boxed_func(graph_module.forward)
@@ -302,3 +312,240 @@ def compile_without_codegen(gm: fx.GraphModule, example_inputs: Sequence[Any], p
         decompositions=select_decomp_table(),
     )
     return backend(gm, example_inputs)
+
+
+# Offline planning (``graphopt plan``): tracing a training step on fake tensors.
+
+
+def new_fake_mode() -> FakeTensorMode:
+    """A fake-tensor mode with static shapes: sizes in the graph are plain ints."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def to_fake(mode: FakeTensorMode, tensor: torch.Tensor, meta_device: torch.device) -> torch.Tensor:
+    """A fake copy of `tensor`: same shape, strides, dtype and requires_grad, no data.
+
+    A real tensor keeps its device (nothing is moved or read); a meta tensor becomes a
+    fake tensor on `meta_device`. Tracing on "meta" itself is not an option: some ops
+    (cross-entropy's nll_loss) record no autograd history there under AOTAutograd.
+    """
+    if tensor.device.type == "meta":
+        fresh = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+        fake = mode.fake_tensor_converter.from_meta_and_device(mode, fresh, meta_device)
+    else:
+        fake = mode.from_tensor(tensor.detach())
+    if tensor.requires_grad:
+        fake.requires_grad_(True)
+    return fake
+
+
+class _JointTraced(Exception):
+    """Stops AOTAutograd once the joint graph is planned: nothing is compiled or run."""
+
+
+class _NoBackward(Exception):
+    """AOTAutograd traced an inference graph: the step's output needs no gradient."""
+
+
+def trace_joint(
+    step: torch.nn.Module,
+    fake_args: Sequence[torch.Tensor],
+    on_joint: Callable[[fx.GraphModule, Sequence[Any], int], None],
+) -> bool:
+    """Trace `step(*fake_args)` forward and backward with AOTAutograd, as ``torch.compile``
+    does (Inductor's decompositions), and call ``on_joint(joint, joint_inputs,
+    num_fwd_outputs)`` where the partitioner would run, in the tracer's context.
+
+    `step` must return a tuple and own no parameters; every value is a fake tensor.
+    Returns False, without calling `on_joint`, when the step has no backward.
+    """
+
+    def partition_fn(joint: fx.GraphModule, joint_inputs: Sequence[Any], *, num_fwd_outputs: int, **_: Any):
+        on_joint(joint, joint_inputs, num_fwd_outputs)
+        raise _JointTraced
+
+    def inference_only(graph_module: fx.GraphModule, _inputs: Sequence[Any]) -> Callable:
+        raise _NoBackward  # the only compiler reached before a partition is the inference one
+
+    import torch._inductor.lowering  # noqa: F401  (Inductor's decompositions consult it: max-pooling)
+
+    try:
+        aot_module_simplified(
+            step,
+            list(fake_args),
+            fw_compiler=inference_only,
+            bw_compiler=inference_only,
+            partition_fn=partition_fn,
+            decompositions=select_decomp_table(),
+        )
+    except _JointTraced:
+        return True
+    except _NoBackward:
+        return False
+    raise AssertionError("AOTAutograd returned without partitioning or compiling")
+
+
+class UserCodeMode(TorchFunctionMode):
+    """While tracing, sees each torch-level call the user's code makes.
+
+    It tags the call's graph nodes with `meta_fn()`'s fields: Dynamo leaves
+    ``nn_module_stack`` and ``stack_trace`` on its nodes and AOTAutograd copies them onto
+    the aten nodes; without Dynamo, this mode supplies them. A nested call inside a torch
+    function is not seen again, so the outermost call, the user's, names the source.
+    A meta tensor the model holds outside its parameters, buffers and inputs (a plain
+    attribute) cannot become a graph constant; `on_stray_meta(tensor)` is called on it
+    first, to raise an error that says so.
+    """
+
+    def __init__(self, meta_fn: Callable[[], dict[str, Any]], on_stray_meta: Callable[[torch.Tensor], None]):
+        super().__init__()
+        self._meta_fn = meta_fn
+        self._on_stray_meta = on_stray_meta
+        self._carrier = fx.Graph().placeholder("graphopt_meta")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for tensor in tree_iter((args, kwargs)):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta" and not isinstance(tensor, FakeTensor):
+                self._on_stray_meta(tensor)
+        self._carrier.meta = self._meta_fn()
+        with fx_traceback.set_current_meta(self._carrier):
+            return func(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- memory-aware reordering
+# What pins a node's place when graphopt reorders a graph (graphopt/passes/reorder.py),
+# and how a graph graphopt reordered keeps that order through Inductor.
+
+# Set on a forward/backward module whose order graphopt chose over Inductor's own.
+_KEEP_ORDER_META = "graphopt_keep_order"
+
+
+def keeps_relative_order(node: fx.Node) -> bool:
+    """Side effects, mutations and random draws: run in their original relative order."""
+    if node.op != "call_function":
+        return False
+    return is_random(node) or node.is_impure(impure_random=True)
+
+
+def is_order_barrier(node: fx.Node) -> bool:
+    """Nodes nothing may move across: RNG state ops (saving, restoring or threading the
+    generator's state, as functionalized RNG and graph-safe RNG do) and in-place writes
+    (a reader of the written tensor must stay on its side of the write)."""
+    if node.op != "call_function":
+        return False
+    if "rng_state" in str(node.target):
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and schema.is_mutable
+
+
+def keep_order_through_inductor(graph_module: fx.GraphModule) -> None:
+    """Compile this graph with Inductor's own ``reorder_for_peak_memory`` off, so the
+    order graphopt chose (lower than Inductor's heuristics on graphopt's simulation) is
+    the order Inductor's scheduler keeps."""
+    graph_module.meta[_KEEP_ORDER_META] = True
+
+
+def _compile_graph_as_planned(graph_module: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
+    """Inductor's ``compile_fx_inner`` for one forward or backward graph, with
+    ``reorder_for_peak_memory`` off where graphopt's order won. The setting enters
+    Inductor's FX-graph cache key, so a cached graph compiled the other way is not reused."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    if graph_module.meta.get(_KEEP_ORDER_META):
+        with inductor_config.patch(reorder_for_peak_memory=False):
+            return compile_fx_inner(graph_module, example_inputs, **kwargs)
+    return compile_fx_inner(graph_module, example_inputs, **kwargs)
+
+
+# ----------------------------------------------------------------------------- parameter names (sparse backward)
+
+
+def parameter_input_names(graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> list[str | None]:
+    """The ``named_parameters()`` name of each graph input that is a parameter, from the
+    source Dynamo recorded for it (``L['self']._modules['blocks']._modules['0']._parameters['weight']``
+    -> ``blocks.0.weight``); None for other inputs.
+
+    Used only when graphopt does not see the model (``torch.compile(backend="graphopt")``);
+    the name is relative to whatever object the compiled frame reached the parameter from.
+    """
+    names: list[str | None] = []
+    placeholders = graph_module.graph.find_nodes(op="placeholder")
+    for placeholder, value in zip(placeholders, example_inputs):
+        grapharg = placeholder.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        if not isinstance(value, torch.nn.Parameter) or source is None:
+            names.append(None)
+            continue
+        text = source.name() if callable(source.name) else source.name
+        names.append(_attribute_path(text))
+    return names
+
+
+def _attribute_path(source: str) -> str:
+    path = re.sub(r"^[LG]\['[^']+'\]", "", source)
+    path = re.sub(r"\._(?:modules|parameters)\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".")
+
+
+# ----------------------------------------------------------------------------- optimizer in backward
+
+
+def current_frame_id() -> int | None:
+    """The Dynamo frame being compiled: a recompilation keeps it, a graph break's resume
+    function gets a new one (``torch._guards.CompileId.frame_id``); None outside Dynamo."""
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    return None if compile_id is None else compile_id.frame_id
+
+
+# ----------------------------------------------------------------------------- offload and quantize lowering
+
+
+def _static_inputs_in(joint: JointGraph, module: fx.GraphModule) -> Any:
+    """torch's set of static-lifetime inputs, as nodes of `module` (a copy of the joint graph)."""
+    static = joint.node_info.static_lifetime_input_nodes
+    if module is joint.module:
+        return static
+    names = {node.name for node in static}
+    return type(static)(n for n in module.graph.find_nodes(op="placeholder") if n.name in names)
+
+
+def copy_graph_module(module: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A copy of the module's graph to rewrite, and the map from its nodes to the copy's.
+
+    Nodes keep their names and (shallow-copied) metadata, the output its ``desc``
+    (which AOTAutograd's split reads).
+    """
+    copy_of: dict[fx.Node, fx.Node] = {}
+    graph = fx.Graph()
+    result = graph.graph_copy(module.graph, copy_of)
+    output = next(iter(module.graph.find_nodes(op="output")))
+    graph.output(result).meta = dict(output.meta)
+    return fx.GraphModule(module, graph), copy_of
+
+
+class NodeEmitter:
+    """Adds ``op(*args, **kwargs)`` nodes to a graph before a given node, each with its
+    FakeTensor ``meta["val"]`` (computed in the graph's own fake mode, as if traced) and
+    a partitioner tag that pins it to the forward or the backward graph."""
+
+    def __init__(self, graph: fx.Graph, *, insert_before: fx.Node, tag: str):
+        self._graph = graph
+        self._before = insert_before
+        self._tag = tag
+
+    def __call__(self, op: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        values = fx.node.map_arg((args, kwargs), lambda node: node.meta["val"])
+        fake_mode = torch._guards.detect_fake_mode(list(tree_iter(values)))
+        with self._graph.inserting_before(self._before):
+            node = self._graph.call_function(op, args, kwargs)
+        with fake_mode:
+            node.meta["val"] = op(*values[0], **values[1])
+        node.meta["partitioner_tag"] = self._tag
+        return node
+

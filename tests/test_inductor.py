@@ -192,14 +192,6 @@ def test_wide_mlp_measured_peak_stays_under_the_budget():
     assert figures["measured"] <= budget, figures
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "graphopt's prediction is conservative by more than 10% on this MLP: budget 153.4 MB, predicted "
-        "139.5 MB, measured 122.6 MB (+13.8%); the forward ends holding the 100.7 MB it keeps and the "
-        "backward adds only 0.9 MB on top, while the plan predicts 118.5 MB above parameters and batch"
-    ),
-)
 def test_wide_mlp_predicted_peak_is_within_10_percent_of_the_measured():
     figures = _wide_mlp_figures()
     assert abs(figures["predicted"] - figures["measured"]) <= 0.10 * figures["measured"], figures

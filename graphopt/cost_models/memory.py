@@ -125,7 +125,14 @@ def graph_timeline(graph_module: fx.GraphModule, input_storage: dict[str, object
     return timeline
 
 
+# Marks a node whose value lives in host memory, not the device's (an offloaded copy
+# when planning for a GPU; set by graphopt/passes/lower_saves.py).
+HOST_MEMORY = "graphopt_host_memory"
+
+
 def _buffer_bytes(node: fx.Node, representative: dict, input_storage: dict) -> int:
+    if node.meta.get(HOST_MEMORY):
+        return 0
     if node.op == "placeholder":
         key = input_storage.get(node.name)
         if key is None or representative[key] is not node:

@@ -1,0 +1,100 @@
+"""Offloading a saved tensor to host memory: the custom ops ``lower_saves`` puts in the graph.
+
+Forward::
+
+    host = graphopt.offload(x)              # starts the device-to-host copy on a side stream
+    host = graphopt.wait(host, keepalive=x) # after x's last forward use: the copy is done
+
+Backward::
+
+    back = graphopt.prefetch(host, device)     # starts the host-to-device copy, ahead of use
+    back = graphopt.wait(back, keepalive=host) # just before the first use
+
+``wait`` returns its first argument (an alias, declared in its schema) and is marked as
+having a side effect, so dead-code elimination keeps it and no pass may drop the order
+it imposes; the ``keepalive`` argument keeps the copy's source alive until the copy has
+finished. On CUDA the copies run on one side stream into pinned memory and ``wait``
+makes the compute stream wait on the copy's event; anywhere else (CPU tests) the copies
+are plain host-to-host clones and ``wait`` has nothing to wait for, so the graph
+rewrite and its gradients can be checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import has_side_effect
+
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+# Copies in flight: the event each one records, keyed by its destination's data pointer.
+_pending: dict[int, torch.cuda.Event] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
+def _copy_on_side_stream(source: torch.Tensor, destination: torch.Tensor) -> torch.Tensor:
+    """Copy asynchronously after everything queued so far; `wait` completes it."""
+    device = source.device if source.is_cuda else destination.device
+    stream = _side_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        destination.copy_(source, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    _pending[destination.data_ptr()] = event
+    return destination
+
+
+@torch.library.custom_op("graphopt::offload", mutates_args=())
+def offload(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of `tensor` (pinned, filled asynchronously on CUDA)."""
+    if not tensor.is_cuda:
+        return tensor.clone()
+    host = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=True)
+    return _copy_on_side_stream(tensor, host)
+
+
+@offload.register_fake
+def _(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu")
+
+
+@torch.library.custom_op("graphopt::prefetch", mutates_args=())
+def prefetch(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of the host tensor on `device` (filled asynchronously on CUDA)."""
+    if device.type != "cuda":
+        return tensor.clone()
+    back = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
+    return _copy_on_side_stream(tensor, back)
+
+
+@prefetch.register_fake
+def _(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
+
+
+_library = torch.library.Library("graphopt", "FRAGMENT")
+_library.define("wait(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)")
+
+
+@torch.library.impl("graphopt::wait", "CompositeExplicitAutograd")
+def _wait(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
+    event = _pending.pop(tensor.data_ptr(), None)
+    if event is not None:
+        torch.cuda.current_stream().wait_event(event)
+    return tensor
+
+
+@torch.library.register_fake("graphopt::wait")
+def _wait_fake(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
+    return tensor
+
+
+has_side_effect(torch.ops.graphopt.wait.default)
+
+OFFLOAD = torch.ops.graphopt.offload.default
+PREFETCH = torch.ops.graphopt.prefetch.default
+WAIT = torch.ops.graphopt.wait.default
