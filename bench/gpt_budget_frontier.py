@@ -16,7 +16,15 @@ are outside it; the step's gradients are inside), then times ``--steps`` steps (
 Configurations:
   torch-amb-<v>     ``torch.compile(model)`` with ``torch._functorch.config.activation_memory_budget = v``
   graphopt-<bytes>  ``graphopt.compile(model, memory_budget=<bytes>)``
+  graphopt-int8-<bytes>   the same with ``quantize_bits=8`` (int8 saved activations allowed)
+  graphopt-lossy-<bytes>  the same with ``allow_lossy=True`` (int8 / int4 / int2 allowed)
 
+``--lossy F`` adds, after the torch points, graphopt-int8 and graphopt-lossy at a budget of
+F x the lowest peak (with parameters) torch measured in the same run, each compared with
+that torch point: ok when its measured peak is within the budget and its median step is
+no slower than torch's there.
+
+The whole comparison, on more models and configurations, is ``python -m bench`` (docs/benchmarks.md).
 The default run measures torch at 1.0, 0.5, 0.2 and 0.0, then graphopt once per torch
 point with budget = parameter bytes + the peak torch measured there. A graphopt point is
 ok when its measured peak (with parameters) is within its budget and its median step is no
@@ -39,10 +47,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from bench.child import CHILD_ENVIRONMENT, REPO_ROOT
+
 TORCH_AMB_VALUES = (1.0, 0.5, 0.2, 0.0)
 TORCH_REFERENCE = "torch-amb-1.0"
-CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+GRAPHOPT_KINDS = {"graphopt": {}, "graphopt-int8": {"quantize_bits": 8}, "graphopt-lossy": {"allow_lossy": True}}
 MEGABYTE = 1_000_000
 CSV_FIELDS = (
     "config", "reference", "budget_bytes", "param_bytes", "peak_bytes", "peak_with_params_bytes",
@@ -65,8 +74,8 @@ def _compile_torch(model: Any, inputs: tuple, amb: float, train_step) -> tuple[A
     return compiled, compile_s
 
 
-def _compile_graphopt(model: Any, inputs: tuple, budget_bytes: int, train_step, graphopt_compile) -> tuple[Any, float]:
-    compiled = graphopt_compile(model, memory_budget=budget_bytes)
+def _compile_graphopt(model: Any, inputs: tuple, budget_bytes: int, train_step, graphopt_compile, **lossy: Any) -> tuple[Any, float]:
+    compiled = graphopt_compile(model, memory_budget=budget_bytes, **lossy)
     start = time.perf_counter()
     train_step(model, compiled, inputs)
     return compiled, time.perf_counter() - start
@@ -103,12 +112,12 @@ def run_child(config: str, steps: int, warmup: int) -> dict[str, Any]:
     kind, _, value = config.rpartition("-")
     if kind == "torch-amb":
         compiled, compile_s = _compile_torch(model, inputs, float(value), _train_step)
-    elif kind == "graphopt":
+    elif kind in GRAPHOPT_KINDS:
         try:  # graphopt.compile is written alongside this benchmark; report, don't crash
             from graphopt import compile as graphopt_compile
         except ImportError as error:
             return {**result, "error": f"graphopt.compile unavailable: {error}"}
-        compiled, compile_s = _compile_graphopt(model, inputs, int(value), _train_step, graphopt_compile)
+        compiled, compile_s = _compile_graphopt(model, inputs, int(value), _train_step, graphopt_compile, **GRAPHOPT_KINDS[kind])
         result["predicted_peak_bytes"] = _predicted_peaks(compiled)
     else:
         return {**result, "error": f"unknown configuration {config!r}"}
@@ -186,6 +195,16 @@ def run_sweep(configs: list[str], args: argparse.Namespace) -> list[dict[str, An
     return results
 
 
+def run_lossy(results: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """graphopt with lossy saving allowed, at `args.lossy` x the lowest peak torch reached."""
+    measured = [r for r in results if r["config"].startswith("torch-amb-") and "error" not in r]
+    if not measured:
+        return []
+    lowest = min(measured, key=lambda r: r["peak_bytes"] + r["param_bytes"])
+    budget = int((lowest["peak_bytes"] + lowest["param_bytes"]) * args.lossy)
+    return [{**run_config(f"{kind}-{budget}", args), "reference": lowest["config"]} for kind in ("graphopt-int8", "graphopt-lossy")]
+
+
 def _faster(kept: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """The faster of two rounds of one configuration, with the larger of their peaks."""
     if "error" in kept or "error" in new:
@@ -255,6 +274,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--configs", help="comma-separated configurations (default: the torch sweep + graphopt)")
     parser.add_argument("--child-timeout-s", type=float, default=3600.0, help="limit for one configuration")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each torch/graphopt pair; the fastest counts")
+    parser.add_argument("--lossy", type=float, help="also run int8 / lossy graphopt at this fraction of torch's lowest peak")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one configuration here
     return parser.parse_args(argv)
 
@@ -270,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.default_sweep = args.configs is None
     configs = [f"torch-amb-{v}" for v in TORCH_AMB_VALUES] if args.default_sweep else args.configs.split(",")
-    rows = summarize(run_sweep(configs, args))
+    results = run_sweep(configs, args)
+    if args.lossy:
+        results += run_lossy(results, args)
+    rows = summarize(results)
     write_csv(rows, args.out)
     print(format_table(rows))
     print(f"wrote {args.out}")
