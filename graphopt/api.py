@@ -25,7 +25,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     dynamic: bool | None = None,
     compiler: str = "inductor",
     cost_model: str = "roofline",
-    reorder: bool = True,
+    reorder: bool = False,
     trainable: Any = "all",
     optimizer: torch.optim.Optimizer | None = None,
     allow_lossy: bool = False,
@@ -46,9 +46,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
     compile, for checking plans and gradients; it does not free memory early.
     ``cost_model="measured"`` prices recomputation by timing each op on this machine
     (cached in ~/.cache/graphopt) instead of the hardware profile's roofline.
-    ``reorder=False`` keeps the partitioner's order of each graph and Inductor's own
-    reordering; by default graphopt reorders each graph for a lower peak where that
-    beats Inductor's heuristics (docs/reorder.md).
+    ``reorder=True`` reorders each graph for a lower simulated peak where that beats
+    Inductor's heuristics, and judges plans on the reordered graphs; off by default,
+    since Inductor does not always deliver the simulated gain (docs/reorder.md).
     ``trainable`` picks what fine-tuning trains: ``"all"``, ``"bias"``, glob patterns of
     parameter names, ``{"last_blocks": k}``, or ``{pattern: fraction}`` for the first
     fraction of a weight's output channels; the rest gets no gradient and the backward
