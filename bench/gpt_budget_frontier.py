@@ -37,17 +37,15 @@ step): amb 1.0: 302 MB / 899 ms; 0.5: 206 MB / 996 ms; 0.2: 190 MB / 1656 ms; 0.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.child import CHILD_ENVIRONMENT, REPO_ROOT
+from bench.child import REPO_ROOT
+from bench.script import run_child_script, write_csv
 
 TORCH_AMB_VALUES = (1.0, 0.5, 0.2, 0.0)
 TORCH_REFERENCE = "torch-amb-1.0"
@@ -146,21 +144,9 @@ def run_child(config: str, steps: int, warmup: int) -> dict[str, Any]:
 
 def run_config(config: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one configuration in a fresh process and return its JSON line."""
-    command = [sys.executable, "-m", "bench.gpt_budget_frontier", "--child", config,
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
-    print(f"running {config} ...", file=sys.stderr, flush=True)
-    try:
-        completed = subprocess.run(
-            command, cwd=REPO_ROOT, env={**os.environ, **CHILD_ENVIRONMENT},
-            capture_output=True, text=True, timeout=args.child_timeout_s, check=False,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {"config": config, "error": f"timed out after {args.child_timeout_s} s"}
-    json_lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    if completed.returncode != 0 or not json_lines:
-        tail = " | ".join(completed.stderr.strip().splitlines()[-5:])
-        return {"config": config, "error": f"exit {completed.returncode}: {tail}"}
-    return json.loads(json_lines[-1])
+    return run_child_script(
+        "bench.gpt_budget_frontier", config, args, label={"config": config}, timeout_s=args.child_timeout_s
+    )
 
 
 def graphopt_config_for(torch_result: dict[str, Any]) -> str | None:
@@ -241,14 +227,6 @@ def _verdict(row: dict[str, Any], torch_point: dict[str, Any] | None) -> str:
     return "ok" if within_budget and as_fast else "not-ok"
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def format_table(rows: list[dict[str, Any]]) -> str:
     def megabytes(value: int | None) -> str:
         return "-" if value is None else f"{value / MEGABYTE:.0f}"
@@ -294,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lossy:
         results += run_lossy(results, args)
     rows = summarize(results)
-    write_csv(rows, args.out)
+    write_csv(rows, args.out, CSV_FIELDS)
     print(format_table(rows))
     print(f"wrote {args.out}")
     return 0

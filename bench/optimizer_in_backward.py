@@ -32,18 +32,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+from bench.child import REPO_ROOT
+from bench.script import run_child_script, write_csv
+
 MODELS = ("mlp", "gpt", "gpt8x512")
 HOWS = ("torch-step", "graphopt-step", "graphopt-in-backward")
 DEFAULT_CONFIGS = [f"{model}-{how}" for model in ("mlp", "gpt") for how in HOWS]
@@ -171,21 +169,9 @@ def run_child(config: str, steps: int, warmup: int) -> dict[str, Any]:
 
 
 def run_config(config: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, "-m", "bench.optimizer_in_backward", "--child", config,
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
-    print(f"running {config} ...", file=sys.stderr, flush=True)
-    try:
-        completed = subprocess.run(
-            command, cwd=REPO_ROOT, env={**os.environ, **CHILD_ENVIRONMENT},
-            capture_output=True, text=True, timeout=args.child_timeout_s, check=False,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {"config": config, "error": f"timed out after {args.child_timeout_s} s"}
-    json_lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    if completed.returncode != 0 or not json_lines:
-        tail = " | ".join(completed.stderr.strip().splitlines()[-5:])
-        return {"config": config, "error": f"exit {completed.returncode}: {tail}"}
-    return json.loads(json_lines[-1])
+    return run_child_script(
+        "bench.optimizer_in_backward", config, args, label={"config": config}, timeout_s=args.child_timeout_s
+    )
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -205,14 +191,6 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["ok"] = "ok" if (row["drop_share_of_gradients"] or 0) >= TARGET_SHARE else "not-ok"
         rows.append(row)
     return rows
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -259,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     configs = args.configs.split(",") if args.configs else DEFAULT_CONFIGS
     rows = summarize([run_config(config, args) for config in configs])
-    write_csv(rows, args.out)
+    write_csv(rows, args.out, CSV_FIELDS)
     print(format_table(rows))
     print(f"wrote {args.out}")
     return 0

@@ -30,21 +30,19 @@ reported only as ratios to ``inductor-order`` of the same model, in the same run
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from bench.child import REPO_ROOT
+from bench.script import run_child_script, write_csv
+
 MODELS = ("gpt", "resnet", "heads")
 CONFIGS = ("inductor-order", "graphopt-order", "no-reorder")
 REFERENCE = "inductor-order"
-CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 MEGABYTE = 1_000_000
 CSV_FIELDS = (
     "model", "config", "param_bytes", "peak_bytes", "peak_vs_inductor_order", "predicted_peak_bytes",
@@ -208,21 +206,8 @@ def run_child(model_name: str, config: str, steps: int, warmup: int) -> dict[str
 
 def run_config(model_name: str, config: str, args: argparse.Namespace) -> dict[str, Any]:
     """One configuration in a fresh process; its JSON line, or an error as data."""
-    command = [sys.executable, "-m", "bench.reorder", "--child", f"{model_name}:{config}",
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
-    print(f"running {model_name} {config} ...", file=sys.stderr, flush=True)
-    try:
-        completed = subprocess.run(
-            command, cwd=REPO_ROOT, env={**os.environ, **CHILD_ENVIRONMENT},
-            capture_output=True, text=True, timeout=args.child_timeout_s, check=False,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {"model": model_name, "config": config, "error": f"timed out after {args.child_timeout_s} s"}
-    json_lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    if completed.returncode != 0 or not json_lines:
-        tail = " | ".join(completed.stderr.strip().splitlines()[-5:])
-        return {"model": model_name, "config": config, "error": f"exit {completed.returncode}: {tail}"}
-    return json.loads(json_lines[-1])
+    label = {"model": model_name, "config": config}
+    return run_child_script("bench.reorder", f"{model_name}:{config}", args, label=label, timeout_s=args.child_timeout_s)
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -237,14 +222,6 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["time_ratio_vs_inductor_order"] = result["median_step_ms"] / base["median_step_ms"]
         rows.append(row)
     return rows
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -288,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = [run_config(m, c, args) for m in args.models.split(",") for c in args.configs.split(",")]
     rows = summarize(results)
-    write_csv(rows, args.out)
+    write_csv(rows, args.out, CSV_FIELDS)
     print(format_table(rows))
     print(f"wrote {args.out}")
     return 0

@@ -31,17 +31,16 @@ PockEngine reports 5.6x less backward memory for sparse backpropagation on its m
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from bench.child import REPO_ROOT
+from bench.script import run_child_script, write_csv
+
 CONFIGS = {
     "full": "all",
     "bias": "bias",
@@ -50,7 +49,6 @@ CONFIGS = {
 }
 DEFAULT_CONFIGS = ("full", "bias", "last-2-blocks")
 REFERENCE = "full"
-CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 MEGABYTE = 1_000_000
 CSV_FIELDS = (
     "config", "trainable", "forward_peak_bytes", "backward_peak_bytes", "backward_memory_ratio", "backward_added_bytes",
@@ -123,21 +121,7 @@ def run_child(config: str, steps: int, warmup: int) -> dict[str, Any]:
 
 def run_config(config: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one configuration in a fresh process and return its JSON line."""
-    command = [sys.executable, "-m", "bench.sparse_finetune", "--child", config,
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
-    print(f"running {config} ...", file=sys.stderr, flush=True)
-    try:
-        completed = subprocess.run(
-            command, cwd=REPO_ROOT, env={**os.environ, **CHILD_ENVIRONMENT},
-            capture_output=True, text=True, timeout=args.child_timeout_s, check=False,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {"config": config, "error": f"timed out after {args.child_timeout_s} s"}
-    json_lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    if completed.returncode != 0 or not json_lines:
-        tail = " | ".join(completed.stderr.strip().splitlines()[-5:])
-        return {"config": config, "error": f"exit {completed.returncode}: {tail}"}
-    return json.loads(json_lines[-1])
+    return run_child_script("bench.sparse_finetune", config, args, label={"config": config}, timeout_s=args.child_timeout_s)
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -153,14 +137,6 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["backward_cpu_time_ratio"] = reference["median_backward_cpu_ms"] / result["median_backward_cpu_ms"]
         rows.append(row)
     return rows
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -213,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}", file=sys.stderr)
         return 2
     rows = summarize([run_config(config, args) for config in configs])
-    write_csv(rows, args.out)
+    write_csv(rows, args.out, CSV_FIELDS)
     print(format_table(rows))
     print(f"wrote {args.out}")
     return 0

@@ -1,0 +1,45 @@
+"""What the single-purpose bench scripts share: one configuration per child process,
+and the CSV they write (``python -m bench.<script>``; the suite has its own in
+``bench/suite.py``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.child import CHILD_ENVIRONMENT, REPO_ROOT
+
+
+def run_child_script(
+    module: str, child: str, args: Any, *, label: dict[str, Any], timeout_s: float
+) -> dict[str, Any]:
+    """``python -m <module> --child <child> --steps S --warmup W`` in a fresh process
+    (with the bench's allocator settings): its last JSON line, or the error as data,
+    labelled with `label` (the configuration's keys)."""
+    command = [sys.executable, "-m", module, "--child", child, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    print(f"running {child} ...", file=sys.stderr, flush=True)
+    try:
+        completed = subprocess.run(
+            command, cwd=REPO_ROOT, env={**os.environ, **CHILD_ENVIRONMENT},
+            capture_output=True, text=True, timeout=timeout_s, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {**label, "error": f"timed out after {timeout_s} s"}
+    json_lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not json_lines:
+        tail = " | ".join(completed.stderr.strip().splitlines()[-5:])
+        return {**label, "error": f"exit {completed.returncode}: {tail}"}
+    return json.loads(json_lines[-1])
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, fields: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
