@@ -41,11 +41,9 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from bench.child import REPO_ROOT
-from bench.script import run_child_script, write_csv
+from bench.script import run_child_script, script_parser, with_errors, write_csv
 
 TORCH_AMB_VALUES = (1.0, 0.5, 0.2, 0.0)
 TORCH_REFERENCE = "torch-amb-1.0"
@@ -235,25 +233,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         median = "-" if row["median_step_ms"] is None else f"{row['median_step_ms']:.0f}"
         ratio = "-" if row["time_ratio_vs_torch_amb_1_0"] is None else f"{row['time_ratio_vs_torch_amb_1_0']:.2f}"
-        lines.append(
+        lines += with_errors(
+            row,
             f"{row['config']:<24} {megabytes(row['budget_bytes']):>9} {megabytes(row['peak_with_params_bytes']):>8} "
             f"{megabytes(row['predicted_peak_bytes']):>8} {median:>10} {ratio:>9}  {row['ok'] or ''}"
         )
-        if row["error"]:
-            lines.append(f"    error: {row['error']}")
     return "\n".join(lines)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="steps before measuring, the compiling one included")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "gpt_budget_frontier.csv")
+    parser = script_parser(__doc__.splitlines()[0], name="gpt_budget_frontier", steps=10, child_timeout_s=3600.0)
     parser.add_argument("--configs", help="comma-separated configurations (default: the torch sweep + graphopt)")
-    parser.add_argument("--child-timeout-s", type=float, default=3600.0, help="limit for one configuration")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each torch/graphopt pair; the fastest counts")
     parser.add_argument("--lossy", type=float, help="also run int8 / lossy graphopt at this fraction of torch's lowest peak")
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one configuration here
     return parser.parse_args(argv)
 
 

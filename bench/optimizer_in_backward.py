@@ -36,11 +36,9 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from bench.child import REPO_ROOT
-from bench.script import run_child_script, write_csv
+from bench.script import run_child_script, script_parser, with_errors, write_csv
 
 MODELS = ("mlp", "gpt", "gpt8x512")
 HOWS = ("torch-step", "graphopt-step", "graphopt-in-backward")
@@ -204,25 +202,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         f"{'config':<30} {'grads MB':>8} {'peak MB':>8} {'drop MB':>8} {'drop/grads':>10} {'x step ms':>9} {'param diff':>10}  ok"
     ]
     for row in rows:
-        lines.append(
+        lines += with_errors(
+            row,
             f"{row['config']:<30} {megabytes(row['gradient_bytes']):>8} {megabytes(row['peak_bytes']):>8} "
             f"{megabytes(row['drop_vs_graphopt_step_bytes']):>8} {number(row['drop_share_of_gradients'], '.2f'):>10} "
             f"{number(row['time_ratio_vs_graphopt_step'], '.2f'):>9} {number(row['max_parameter_diff_vs_eager'], '.1e'):>10}  "
             f"{row['ok'] or ''}"
         )
-        if row["error"]:
-            lines.append(f"    error: {row['error']}")
     return "\n".join(lines)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="steps before measuring, the compiling one included")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "optimizer_in_backward.csv")
+    parser = script_parser(__doc__.splitlines()[0], name="optimizer_in_backward", steps=5, child_timeout_s=1800.0)
     parser.add_argument("--configs", help=f"comma-separated configurations (default: {','.join(DEFAULT_CONFIGS)})")
-    parser.add_argument("--child-timeout-s", type=float, default=1800.0, help="limit for one configuration")
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one configuration here
     return parser.parse_args(argv)
 
 

@@ -34,11 +34,9 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from bench.child import REPO_ROOT
-from bench.script import run_child_script, write_csv
+from bench.script import run_child_script, script_parser, with_errors, write_csv
 
 MODELS = ("gpt", "resnet", "heads")
 CONFIGS = ("inductor-order", "graphopt-order", "no-reorder")
@@ -232,24 +230,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / MEGABYTE:.1f}"
         predicted = "-" if row["predicted_peak_bytes"] is None else f"{row['predicted_peak_bytes'] / MEGABYTE:.1f}"
-        lines.append(
+        lines += with_errors(
+            row,
             f"{row['model']:<7} {row['config']:<15} {peak:>8} {ratio(row['peak_vs_inductor_order']):>10} {predicted:>8} "
             f"{ratio(row['time_ratio_vs_inductor_order']):>7}  {row['forward_reorder'] or '-'} | {row['backward_reorder'] or '-'}"
         )
-        if row["error"]:
-            lines.append(f"    error: {row['error']}")
     return "\n".join(lines)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__.splitlines()[0], name="reorder", steps=5, child_timeout_s=1800.0)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {CONFIGS}")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="steps before measuring, the compiling one included")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "reorder.csv")
-    parser.add_argument("--child-timeout-s", type=float, default=1800.0, help="limit for one configuration")
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: "model:config" in this process
     return parser.parse_args(argv)
 
 

@@ -4,6 +4,7 @@ and the CSV they write (``python -m bench.<script>``; the suite has its own in
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -43,3 +44,19 @@ def write_csv(rows: list[dict[str, Any]], path: Path, fields: list[str]) -> None
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def script_parser(description: str, *, name: str, steps: int, child_timeout_s: float) -> argparse.ArgumentParser:
+    """The arguments every single-purpose script takes; each adds ``--configs`` and its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per configuration (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before measuring, the compiling one included")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / f"{name}.csv")
+    parser.add_argument("--child-timeout-s", type=float, default=child_timeout_s, help="limit for one configuration")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one configuration in this process
+    return parser
+
+
+def with_errors(row: dict[str, Any], line: str) -> list[str]:
+    """A table line, and the row's error under it when it has one."""
+    return [line, f"    error: {row['error']}"] if row["error"] else [line]

@@ -35,11 +35,9 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from bench.child import REPO_ROOT
-from bench.script import run_child_script, write_csv
+from bench.script import run_child_script, script_parser, with_errors, write_csv
 
 CONFIGS = {
     "full": "all",
@@ -150,7 +148,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         saved = f"{number(row['saved_bytes_before'], MEGABYTE)}->{number(row['saved_bytes_after'], MEGABYTE)}"
         flops = f"{number(row['backward_gflops_before'], digits=1)}->{number(row['backward_gflops_after'], digits=1)}"
-        lines.append(
+        lines += with_errors(
+            row,
             f"{row['config']:<14} {number(row['forward_peak_bytes'], MEGABYTE):>11} "
             f"{number(row['backward_peak_bytes'], MEGABYTE):>11} {number(row['backward_memory_ratio'], digits=2):>6} "
             f"{number(row['backward_added_bytes'], MEGABYTE):>12} "
@@ -158,19 +157,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{number(row['backward_time_ratio'], digits=2):>6} {number(row['backward_cpu_time_ratio'], digits=2):>6} "
             f"{saved:>13} {flops:>13}"
         )
-        if row["error"]:
-            lines.append(f"    error: {row['error']}")
     return "\n".join(lines)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="steps before measuring, the compiling one included")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "sparse_finetune.csv")
+    parser = script_parser(__doc__.splitlines()[0], name="sparse_finetune", steps=10, child_timeout_s=3600.0)
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
-    parser.add_argument("--child-timeout-s", type=float, default=3600.0, help="limit for one configuration")
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one configuration here
     return parser.parse_args(argv)
 
 
