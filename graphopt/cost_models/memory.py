@@ -8,6 +8,7 @@ in the ``getitem`` nodes that pick the outputs, so each tensor is counted once.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -84,6 +85,25 @@ def is_materialized(node: fx.Node, users: list[fx.Node] | tuple[fx.Node, ...]) -
     return not all(torch_private.is_fusible(user) for user in users)
 
 
+def storage_owners(
+    nodes: list[fx.Node], input_storage: dict[str, object]
+) -> tuple[Callable[[fx.Node], fx.Node], dict[object, fx.Node]]:
+    """The buffer a node's value lives in (what a view views, and one representative
+    placeholder per owned input storage), and those representatives by storage key."""
+    representative: dict[object, fx.Node] = {}
+    for node in nodes:
+        if node.op == "placeholder" and node.name in input_storage:
+            representative.setdefault(input_storage[node.name], node)
+
+    def owner(node: fx.Node) -> fx.Node:
+        node = storage_owner(node)
+        if node.op == "placeholder" and node.name in input_storage:
+            return representative[input_storage[node.name]]
+        return node
+
+    return owner, representative
+
+
 def graph_timeline(graph_module: fx.GraphModule, input_storage: dict[str, object] | None = None) -> list[int]:
     """Bytes in use after each node of one compiled graph, as Inductor frees them.
 
@@ -95,16 +115,7 @@ def graph_timeline(graph_module: fx.GraphModule, input_storage: dict[str, object
     input_storage = input_storage or {}
     nodes = list(graph_module.graph.nodes)
     step = {node: i for i, node in enumerate(nodes)}
-    representative: dict[object, fx.Node] = {}
-    for node in nodes:
-        if node.op == "placeholder" and node.name in input_storage:
-            representative.setdefault(input_storage[node.name], node)
-
-    def owner(node: fx.Node) -> fx.Node:
-        node = storage_owner(node)
-        if node.op == "placeholder" and node.name in input_storage:
-            return representative[input_storage[node.name]]
-        return node
+    owner, representative = storage_owners(nodes, input_storage)
 
     last_read: dict[fx.Node, int] = {}
     for node in nodes:

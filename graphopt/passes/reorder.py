@@ -38,7 +38,7 @@ from ..cost_models.memory import (
     graph_timeline,
     is_getitem,
     is_materialized,
-    storage_owner,
+    storage_owners,
     value_bytes,
 )
 
@@ -132,7 +132,7 @@ def _build_units(nodes: list[fx.Node], input_storage: dict[str, object]) -> _Uni
             unit_of[node] = len(members)
             members.append([node])
 
-    owner = _storage_owners(nodes, input_storage)
+    owner, _ = storage_owners(nodes, input_storage)
     sizes = _buffer_sizes(nodes, input_storage, owner)
     count = len(members)
     predecessors: list[set[int]] = [set() for _ in range(count)]
@@ -158,23 +158,6 @@ def _build_units(nodes: list[fx.Node], input_storage: dict[str, object]) -> _Uni
     return _Units(
         members, unit_of, predecessors, successors, _segments(members), allocated, reads, sizes, readers, pinned, live_at_start
     )
-
-
-def _storage_owners(nodes: list[fx.Node], input_storage: dict[str, object]) -> Callable[[fx.Node], fx.Node]:
-    """The buffer a node's value lives in, as `graph_timeline` sees it: what a view
-    views, and one representative placeholder per owned input storage."""
-    representative: dict[object, fx.Node] = {}
-    for node in nodes:
-        if node.op == "placeholder" and node.name in input_storage:
-            representative.setdefault(input_storage[node.name], node)
-
-    def owner(node: fx.Node) -> fx.Node:
-        node = storage_owner(node)
-        if node.op == "placeholder" and node.name in input_storage:
-            return representative[input_storage[node.name]]
-        return node
-
-    return owner
 
 
 def _buffer_sizes(nodes: list[fx.Node], input_storage: dict[str, object], owner) -> dict[fx.Node, int]:
