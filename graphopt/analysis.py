@@ -8,6 +8,8 @@ forward tensor it could be recomputed from, becomes a ``Candidate``.
 Modelling choices, each conservative or corrected later by simulating the real graphs:
 - Inductor fuses pointwise chains, so a pointwise node whose users are all pointwise in
   the same pass is not counted as a temporary.
+- A saved view (``unbind``'s q, k, v) holds the buffer it views: that buffer's bytes,
+  once, however many of its views are saved.
 - A recomputed tensor is recomputed just before the earliest backward use of itself or
   of a tensor recomputed from it (one hop), and lives to its last such use.
 """
@@ -219,6 +221,7 @@ def _candidate(
     value = node.meta.get("val")
     is_tuple = isinstance(value, (list, tuple))
     is_view = torch_private.is_view(node)
+    owner = storage_owner(node)
     return Candidate(
         name=node.name,
         size_bytes=allocated_bytes(node),
@@ -236,6 +239,7 @@ def _candidate(
             or any(source in mutated for source in node.all_input_nodes)
         ),
         can_keep=not (is_tuple or is_view or policy in _CANNOT_SAVE_POLICIES),
+        storage_of=index.get(owner) if owner is not node else None,
     )
 
 

@@ -15,9 +15,9 @@ tensors, or its gradients when the peak is late in the backward), and the whole
 model's peak is ``deep + (n - 3) * (deep - shallow)``: exact when the peak's place in
 the step does not move with depth, which holds for a stack of identical blocks (a test
 checks it against a full trace). A budget below what torch's min-cut needs is met by
-bisecting the deep plan's budget; when that cannot fit the budget snugly, the whole
-model is traced and planned as usual, so composing never yields a worse plan, only a
-faster one.
+bisecting the deep plan's budget; when that cannot fit the budget snugly, or the budget
+is below the least peak composing reaches, the whole model is traced and planned as
+usual, so composing never yields a worse plan (or a wrong least peak), only a faster one.
 """
 
 from __future__ import annotations
@@ -176,7 +176,10 @@ class ComposedPlanner:
         low = self._least_budget(options)
         least = self._at(options, low)
         if least.predicted_peak_bytes > usable:
-            raise self._infeasible(options, least)
+            # Repeating one block's least-peak decisions is not the least the whole model
+            # can reach (its program may recompute more in the middle blocks, where the
+            # 3-block model's peak is elsewhere): the whole trace decides what is reachable.
+            raise _NotComposable("the budget is below the composed least peak")
         (loosest,), _, _ = self._deep.plan_graphs(dataclasses.replace(options, memory_budget_bytes=None))
         high = math.ceil(loosest.predicted_peak_bytes / (1 - options.prediction_headroom))
         best, previous = least, least.predicted_peak_bytes
@@ -209,18 +212,6 @@ class ComposedPlanner:
         except BudgetInfeasibleError as error:
             return error.least_peak_bytes
         raise AssertionError("a 1-byte budget was met")
-
-    def _infeasible(self, options: Options, least: Plan) -> BudgetInfeasibleError:
-        least_budget = math.ceil(least.predicted_peak_bytes / (1 - options.prediction_headroom))
-        return BudgetInfeasibleError(
-            f"no plan fits memory_budget={format_bytes(options.memory_budget_bytes)}: the least reachable peak is "
-            f"{format_bytes(least.predicted_peak_bytes)} ({self.blocks.describe()}, composed from {TRACED_BLOCKS} "
-            f"traced blocks); with the {options.prediction_headroom:.0%} headroom graphopt keeps for its prediction "
-            f"error, the least budget it can meet is {format_bytes(least_budget)}. Raise the budget to at least that, "
-            "or shrink the batch.",
-            least_peak_bytes=least_budget,
-            breakdown=dict(least.memory),
-        )
 
     def _composed(self, deep_options: Options, options: Options) -> tuple[Plan, int]:
         """The whole model's plan from the 3-block plan for `deep_options` (its middle

@@ -4,7 +4,9 @@ The timeline is the forward's steps ``0 .. num_forward_steps-1`` followed by the
 backward's. Memory at step ``t`` is ``base_bytes[t]`` (what no decision changes) plus:
 
 - a saved candidate ``i``: ``size_bytes`` from ``free_at + 1`` (when it would have been
-  freed had nobody saved it) through ``backward_last_use``;
+  freed had nobody saved it) through ``backward_last_use``; a saved view (``storage_of``
+  set) holds the buffer it views instead, counted once however many of its views are
+  saved, through that buffer's lifetime;
 - a recomputed candidate: ``size_bytes`` from ``backward_first_use`` (recomputed just
   before it is first needed) through ``backward_last_use``;
 - an alternative (offload, quantize, offload of a quantized copy): the bytes of each of
@@ -82,6 +84,11 @@ class Candidate:
     can_recompute: bool = True
     can_keep: bool = True
     alternatives: tuple[Alternative, ...] = ()
+    # A view (``unbind``'s q, k, v) allocates nothing, but saving it keeps the buffer it
+    # views alive: the index of the candidate owning that buffer, whose size and lifetime
+    # a kept view is charged (once per buffer). None: the candidate owns its bytes, or
+    # views memory no decision frees (a parameter).
+    storage_of: int | None = None
 
     def __post_init__(self) -> None:
         if not self.can_keep and not self.can_recompute and not self.alternatives and self.needed_by_backward:
@@ -117,18 +124,26 @@ class Solution:
     error: float = 0.0  # summed expected relative squared error of the lossy choices
 
 
+def storage_holder(problem: Problem, index: int) -> int:
+    """The candidate whose bytes and lifetime keeping candidate ``index`` holds."""
+    owner = problem.candidates[index].storage_of
+    return index if owner is None else owner
+
+
 def memory_deltas(problem: Problem, actions: Sequence[str]) -> list[int]:
     """Change of decision-dependent memory at each step (index num_steps = past the end)."""
     delta = [0] * (problem.num_steps + 1)
+    held = {storage_holder(problem, i) for i, action in enumerate(actions) if action == KEEP}
+    for index in held:
+        candidate = problem.candidates[index]
+        delta[candidate.free_at + 1] += candidate.size_bytes
+        delta[candidate.backward_last_use + 1] -= candidate.size_bytes
     for candidate, action in zip(problem.candidates, actions):
         size = candidate.size_bytes
-        if action == KEEP:
-            delta[candidate.free_at + 1] += size
-            delta[candidate.backward_last_use + 1] -= size
-        elif action == RECOMPUTE:
+        if action == RECOMPUTE:
             delta[candidate.backward_first_use] += size
             delta[candidate.backward_last_use + 1] -= size
-        elif action != DROP:
+        elif action not in (KEEP, DROP):
             for first, last, held in candidate.alternative(action).intervals:
                 delta[first] += held
                 delta[last + 1] -= held

@@ -10,10 +10,13 @@ candidate's k-th alternative: offload, quantize(bits), offload of a quantized co
     minimise   Σ r_i·recompute_ms_i + Σ a_ik·(ms_ik + λ·error_ik)  +  ε·Σ s_i·MB_i
     subject to s_i + r_i + Σ_k a_ik = 1   if the backward reads i, else ≤ 1
                r_i ≤ s_j + r_j + Σ_k a_jk for every input j of i's producer
+               h_o ≥ s_v for o and every candidate v viewing o's buffer
                D_k = D_{k-1} + Σ (changes at event k)
                D_k + max base(segment k) ≤ budget
 
-(λ is ``problem.error_weight_ms``; ε only breaks ties.) Decision-dependent memory
+(λ is ``problem.error_weight_ms``; ε only breaks ties; ``h_o``, whether buffer o is
+kept through itself or a view of it, is what a kept buffer charges: ``s_o`` when nothing
+views it.) Decision-dependent memory
 changes only at a few events (a kept tensor outlives its forward use; a recomputed one
 appears; an alternative's intervals open and close; each dies after its last use), so
 one running sum ``D_k`` per event keeps the program sparse: O(candidates ×
@@ -31,7 +34,7 @@ from collections.abc import Callable
 
 import pulp
 
-from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, action_ms, evaluate, memory_timeline
+from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, action_ms, evaluate, memory_timeline, storage_holder
 
 MB = 2**20
 # One MB kept costs as much as this many ms: small enough never to trade real time for
@@ -183,20 +186,36 @@ def _decision_variables(program: pulp.LpProblem, problem: Problem) -> tuple[list
     return keep, recompute, alternatives
 
 
+def _held(program: pulp.LpProblem, problem: Problem, keep: list) -> list:
+    """Per candidate, whether its buffer is kept: kept itself, or through a kept view of
+    it (``Candidate.storage_of``); a buffer several kept views share counts once."""
+    holders: dict[int, list] = {}
+    for index in range(len(problem.candidates)):
+        holders.setdefault(storage_holder(problem, index), []).append(keep[index])
+    held = list(keep)
+    for owner, keeps in holders.items():
+        if len(keeps) > 1:
+            held[owner] = _variable(program, f"held_{owner}", lowBound=0, upBound=1)
+            for variable in keeps:
+                program += held[owner] >= variable
+    return held
+
+
 def _add_memory_rows(program: pulp.LpProblem, problem: Problem, keep: list, recompute: list, alternatives: list, peak) -> None:
     """Running sums of decision memory at each event; one budget row per segment."""
     changes: dict[int, list] = {}
+    held = _held(program, problem, keep)
     for index, candidate in enumerate(problem.candidates):
         for alternative, variable in zip(candidate.alternatives, alternatives[index]):
-            for first, last, held in alternative.intervals:
-                changes.setdefault(first, []).append(held / MB * variable)
-                changes.setdefault(last + 1, []).append(-held / MB * variable)
+            for first, last, bytes_held in alternative.intervals:
+                changes.setdefault(first, []).append(bytes_held / MB * variable)
+                changes.setdefault(last + 1, []).append(-bytes_held / MB * variable)
         size_mb = candidate.size_bytes / MB
         if size_mb == 0:
             continue
-        changes.setdefault(candidate.free_at + 1, []).append(size_mb * keep[index])
+        changes.setdefault(candidate.free_at + 1, []).append(size_mb * held[index])
         changes.setdefault(candidate.backward_first_use, []).append(size_mb * recompute[index])
-        changes.setdefault(candidate.backward_last_use + 1, []).append(-size_mb * (keep[index] + recompute[index]))
+        changes.setdefault(candidate.backward_last_use + 1, []).append(-size_mb * (held[index] + recompute[index]))
     events = sorted(step for step in changes if step < problem.num_steps)
     if not events or events[0] != 0:
         events.insert(0, 0)

@@ -50,9 +50,10 @@ def test_composed_plan_predicts_what_planning_the_whole_model_does():
     assert max(composed.timeline_bytes) == composed.predicted_peak_bytes
 
 
-def test_composed_least_budget_is_close_above_the_whole_model_one():
+def test_an_infeasible_budget_reports_the_whole_model_least_budget():
     """Composing repeats one block's decisions; the whole model's program may vary them
-    block by block, so its least peak can only be lower (by 1.3% here)."""
+    block by block and reach a lower peak (26% lower here), so a budget below what
+    composing reaches is judged on the whole model."""
     model, inputs = _deep_gpt()
     least = []
     for compose in (True, False):
@@ -60,7 +61,7 @@ def test_composed_least_budget_is_close_above_the_whole_model_one():
             _plan(model, inputs, compose=compose, memory_budget=1000)
         least.append(error.value.least_peak_bytes)
     composed, whole = least
-    assert whole <= composed <= whole * 1.02
+    assert composed == whole
 
 
 def test_a_budget_composing_cannot_fit_snugly_is_planned_on_the_whole_model():

@@ -126,3 +126,38 @@ def test_large_problem_solves_quickly():
     solution = solve(problem, time_limit_s=20)
     assert solution is not None and solution.peak_bytes <= 400 * MB
     assert solution.solve_s < 20
+
+
+def views_problem(budget_bytes):
+    """A 12 MB buffer `qkv` and three views of it the backward reads (as ``unbind`` makes
+    them); recomputing a view is free once its buffer is back, recomputing the buffer is not.
+
+    Keeping any view keeps the whole buffer alive: one view kept costs what all three do.
+    """
+    size = 12 * MB
+    candidates = [Candidate("qkv", size, 5.0, (), free_at=1, backward_first_use=4, backward_last_use=5, needed_by_backward=False)]
+    for name in ("q", "k", "v"):
+        candidates.append(
+            Candidate(name, 0, 0.0, (0,), free_at=1, backward_first_use=5, backward_last_use=5, needed_by_backward=True, storage_of=0)
+        )
+    return Problem(tuple(candidates), (0, 0, 0, 0, 0, 0), 3, budget_bytes)
+
+
+def test_kept_views_hold_their_buffer_once():
+    problem = views_problem(None)
+    timeline = memory_timeline(problem, (DROP, KEEP, KEEP, KEEP))
+    assert max(timeline) == 12 * MB  # not 0 (views allocate nothing), not 36 MB
+    assert memory_timeline(problem, (KEEP, KEEP, RECOMPUTE, RECOMPUTE)) == timeline
+    # Recomputing the buffer holds it for its backward window only.
+    assert memory_timeline(problem, (RECOMPUTE, RECOMPUTE, RECOMPUTE, RECOMPUTE))[:4] == [0, 0, 0, 0]
+
+
+def test_views_match_brute_force():
+    problem = views_problem(12 * MB)
+    expected = brute_force(problem)
+    solution = solve(problem)
+    assert solution.added_ms == pytest.approx(expected.added_ms) == 0.0
+    assert solution.peak_bytes == expected.peak_bytes == 12 * MB
+    # Below the one buffer nothing fits; counted per view (0 bytes) it would have.
+    assert brute_force(views_problem(11 * MB)) is None
+    assert solve(views_problem(11 * MB)) is None
