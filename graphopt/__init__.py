@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from .api import compile, plans  # noqa: E402
 from .budget import parse_budget
-from .errors import BudgetError, BudgetInfeasibleError, GraphoptError, HardwareError, PlanMismatchError
+from .errors import BudgetError, BudgetInfeasibleError, GraphoptError, HardwareError, PlanMismatchError, ReplanEarlierGraphs
 from .measure import PeakMemory, measure_peak
 from .plan import Decision, Plan
 
@@ -22,6 +22,7 @@ __all__ = [
     "PeakMemory",
     "Plan",
     "PlanMismatchError",
+    "ReplanEarlierGraphs",
     "compile",
     "measure_peak",
     "parse_budget",

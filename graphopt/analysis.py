@@ -51,6 +51,9 @@ class Analysis:
     timeline_nodes: tuple[fx.Node, ...]
     static_input_nodes: tuple[fx.Node, ...]  # graph inputs: parameters, buffers, the batch
     host_is_device: bool = True  # planning for a CPU: an offloaded copy is in the same memory
+    # What later graphs (after a graph break) need while this one's saved tensors wait
+    # for its backward: held at the end of the forward (``Session.room_after``).
+    room_after_forward: int = 0
 
 
 def analyze(
@@ -62,9 +65,12 @@ def analyze(
     node_cost: NodeCost | None = None,
     alternatives: AlternativeSettings = AlternativeSettings(),
     error_weight_ms: float = 0.0,
+    room_after_forward: int = 0,
 ) -> Analysis:
     """`node_cost` prices an op (default: the hardware's roofline estimate);
-    `alternatives` says which offload / quantize choices the program may make."""
+    `alternatives` says which offload / quantize choices the program may make;
+    `room_after_forward` is memory later graphs use between this graph's forward and
+    its backward (counted at the forward's last step)."""
     node_cost = node_cost or functools.partial(estimate_node_cost, hardware=hardware)
     timeline = joint.forward_nodes + joint.backward_nodes
     position = {node: step for step, node in enumerate(timeline)}
@@ -97,6 +103,9 @@ def analyze(
     for tangent in joint.tangents:
         _add(base, num_forward, max(uses.backward.get(tangent, []), default=num_forward), value_bytes(tangent.meta.get("val")))
 
+    if room_after_forward:
+        base[num_forward - 1] += room_after_forward
+        base[num_forward] -= room_after_forward
     base_bytes, running = [], static_bytes + extra_static_bytes
     for change in base[:-1]:
         running += change
@@ -128,6 +137,7 @@ def analyze(
         timeline,
         joint.primals,
         host_is_device=hardware.device_type == "cpu",
+        room_after_forward=room_after_forward,
     )
 
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from .backend import GraphoptBackend
 from .config import Options, make_options
-from .errors import GraphoptError
+from . import torch_private
+from .errors import GraphoptError, ReplanEarlierGraphs
 from .plan import Plan
 from .trainable import select_parameters
 
 _SESSION_ATTRIBUTE = "_graphopt_backend"
+# Times one call may replan the graphs before a graph break (each leaves more room).
+MAX_REPLANS = 4
+
+log = logging.getLogger("graphopt")
 
 
 def compile(  # noqa: A001 - mirrors torch.compile
@@ -86,7 +92,32 @@ def compile(  # noqa: A001 - mirrors torch.compile
     backend = _backend(options, model)
     compiled = torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     object.__setattr__(compiled, _SESSION_ATTRIBUTE, backend)
+    if isinstance(model, torch.nn.Module):
+        _replan_on_request(compiled, model, fullgraph=fullgraph, dynamic=dynamic)
     return compiled
+
+
+def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **compile_kwargs: Any) -> None:
+    """Rerun a call whose later graph (after a graph break) asked for the earlier ones
+    to be planned again (``ReplanEarlierGraphs``), with a fresh backend leaving the room
+    it asked for. The failed call ran only forwards, whose saved tensors are dropped
+    with the exception; Dynamo compiles every graph again for the new backend.
+    """
+    forward = torch_private.compiled_forward(compiled)
+
+    def replanning_forward(*args: Any, **kwargs: Any) -> Any:
+        nonlocal forward
+        for _ in range(MAX_REPLANS):
+            try:
+                return forward(*args, **kwargs)
+            except ReplanEarlierGraphs as request:
+                log.info("%s; planning every graph again", request)
+                backend = getattr(compiled, _SESSION_ATTRIBUTE).replanned(request.room_after)
+                forward = torch_private.compiled_forward(torch.compile(model, backend=backend, **compile_kwargs))
+                object.__setattr__(compiled, _SESSION_ATTRIBUTE, backend)
+        return forward(*args, **kwargs)
+
+    torch_private.set_compiled_forward(compiled, replanning_forward)
 
 
 def _backend(options: Options, model: Any) -> GraphoptBackend:

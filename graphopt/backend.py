@@ -26,15 +26,27 @@ _SESSIONS_BY_OPTIONS: dict[int, tuple[dict, Session]] = {}
 class GraphoptBackend:
     """A dynamo backend bound to one Session (what ``graphopt.compile`` installs)."""
 
-    def __init__(self, options: Options, parameters: dict[str, torch.nn.Parameter] | None = None, selection: dict[str, float] | None = None):
+    def __init__(
+        self,
+        options: Options,
+        parameters: dict[str, torch.nn.Parameter] | None = None,
+        selection: dict[str, float] | None = None,
+        room_after: dict[str, int] | None = None,
+    ):
         """`parameters` (the model's, by name) and `selection` (name -> fraction that
         trains, checked against the whole model) come from ``graphopt.compile``; without
-        them parameter names are read from Dynamo's sources, graph by graph."""
+        them parameter names are read from Dynamo's sources, graph by graph.
+        `room_after` is what graphs must leave free for later ones (``Session``)."""
         given = {graph: GivenPlan(dict(decisions), by_min_cut) for graph, by_min_cut, decisions in options.given}
-        self.session = Session(options, given=given)
+        self.session = Session(options, given=given, room_after=dict(room_after or {}))
         self._graphs = 0
+        self._parameters = parameters
         self._names_by_id = {id(p): (name, p) for name, p in (parameters or {}).items()}
         self._selection = selection
+
+    def replanned(self, room_after: dict[str, int]) -> GraphoptBackend:
+        """A fresh backend (Dynamo compiles again for it) whose graphs leave `room_after`."""
+        return GraphoptBackend(self.session.options, self._parameters, self._selection, room_after)
 
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         graph_name = f"graph_{self._graphs}"

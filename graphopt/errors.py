@@ -34,3 +34,15 @@ class BudgetInfeasibleError(GraphoptError):
 
 class PlanMismatchError(GraphoptError):
     """A saved plan does not match the graph it is applied to."""
+
+
+class ReplanEarlierGraphs(GraphoptError):
+    """A graph after a graph break fits no plan beside what the earlier graphs keep.
+
+    ``room_after`` maps each earlier graph to the bytes it must leave free between its
+    forward and its backward; ``graphopt.compile`` plans the step again with it.
+    """
+
+    def __init__(self, message: str, *, room_after: dict[str, int]):
+        super().__init__(message)
+        self.room_after = room_after

@@ -24,7 +24,7 @@ from .budget import format_bytes
 from .config import Options
 from .cost_models import MeasuredCostModel, estimate_node_cost
 from .cost_models.memory import graph_timeline, storage_owner
-from .errors import BudgetInfeasibleError, PlanMismatchError
+from .errors import BudgetInfeasibleError, GraphoptError, PlanMismatchError, ReplanEarlierGraphs
 from .passes.optimizer_in_backward import GraphParameters, GraphUpdates, OptimizerInBackward, apply_optimizer_in_backward, place_updates
 from .passes.reorder import reorder_graph
 from .passes.lower_saves import lower_saves
@@ -63,6 +63,11 @@ class Session:
 
     Graph breaks give several joint graphs; tensors saved by earlier graphs stay alive
     while later graphs run, so each graph plans against what the earlier ones keep.
+    Graphs are compiled one at a time, the first before the next is even traced; when
+    a later graph cannot fit beside what the earlier ones keep, it asks (raising
+    ``ReplanEarlierGraphs``) for the earlier graphs to be planned again, each leaving
+    `room_after` its forward for what the later graphs need (``graphopt.compile`` does
+    that and reruns the step).
     """
 
     options: Options
@@ -71,6 +76,8 @@ class Session:
     # Decisions to apply instead of solving, by graph name (a saved plan, or a plan
     # composed from fewer blocks).
     given: dict[str, GivenPlan] = dataclasses.field(default_factory=dict)
+    # Graph name -> bytes later graphs need while its saved tensors wait for its backward.
+    room_after: dict[str, int] = dataclasses.field(default_factory=dict)
     _measured: MeasuredCostModel | None = None
     # optimizer=: parameter updates run inside the backward (passes/optimizer_in_backward.py)
     optimizer: OptimizerInBackward | None = dataclasses.field(init=False, default=None)
@@ -89,6 +96,26 @@ class Session:
         earlier = sum(size for name, size in self.saved_bytes.items() if name != graph)
         other_parameters = max(self.options.model_static_bytes - parameter_bytes, 0)
         return earlier + other_parameters
+
+    def replan_request(self, graph: str, analysis: Analysis, error: BudgetInfeasibleError) -> GraphoptError:
+        """What to raise when `graph` fits no plan: a request to replan the earlier
+        graphs with room for it, or `error` itself when that cannot help (no earlier
+        graph keeps anything, or they already leave that room)."""
+        earlier = [name for name, size in self.saved_bytes.items() if name != graph and size > 0]
+        least = math.floor(error.least_peak_bytes * (1 - self.options.prediction_headroom))
+        # What this graph needs beyond every parameter and what earlier graphs keep.
+        need = least - analysis.extra_static_bytes - analysis.parameter_bytes
+        room = dict(self.room_after)
+        for name in earlier:
+            room[name] = max(room.get(name, 0), need)
+        if room == self.room_after:
+            return error
+        return ReplanEarlierGraphs(
+            f"{graph} needs {format_bytes(need)} beside what {', '.join(earlier)} keep(s) for the backward; "
+            "the earlier graphs must be planned again to leave that room. graphopt.compile does so and reruns "
+            "the step; with torch.compile(backend='graphopt'), use graphopt.compile instead",
+            room_after=room,
+        )
 
     def node_cost(self) -> NodeCost:
         """How ops are priced: the roofline, or times measured on this machine (cached)."""
@@ -145,7 +172,23 @@ def partition(
         node_cost=session.node_cost(),
         alternatives=alternative_settings(options),
         error_weight_ms=options.lossy_error_weight_ms,
+        room_after_forward=session.room_after.get(graph_name, 0),
     )
+    try:
+        plan, forward, backward = _plan_graph(session, graph_name, joint, joint_inputs, analysis)
+    except BudgetInfeasibleError as error:
+        raise session.replan_request(graph_name, analysis, error) from None
+    plan = dataclasses.replace(plan, pruning=pruning)
+    plan = _with_optimizer_memory(plan, updates)
+    # What the forward hands on (saved tensors and outputs), alive while later graphs run.
+    session.record(plan, graph_timeline(forward)[-1] if len(forward.graph.nodes) else 0)
+    log.info("%s", plan)
+    return forward, backward
+
+
+def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis: Analysis):
+    """The plan for one analysed joint graph, and its split (forward, backward)."""
+    options = session.options
     given = session.given.get(graph_name)
     # Every split is reordered (with reorder=True) before it is judged: a plan fits when
     # its final graphs do.
@@ -160,11 +203,7 @@ def partition(
         solution, forward, backward, predicted_peak = _solve_and_split(joint, analysis, options, predicted_peak)
     reordering = forward.meta.get(_REORDERING, ())
     plan = build_plan(graph_name, analysis, solution, predicted_peak, forward, backward, reordering)
-    plan = dataclasses.replace(plan, pruning=pruning)
-    plan = _with_optimizer_memory(plan, updates)
-    session.record(plan, sum(d.bytes for d in plan.decisions if d.action == "keep"))
-    log.info("%s", plan)
-    return forward, backward
+    return plan, forward, backward
 
 
 def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options):
@@ -361,7 +400,10 @@ def _simulate(analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphMod
 def _simulated_timeline(analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule) -> list[int]:
     """Bytes in use after each node of the forward, then of the backward, static included."""
     static = analysis.static_bytes + analysis.extra_static_bytes
-    steps = graph_timeline(forward) + graph_timeline(backward, _backward_owned_inputs(analysis, backward))
+    forward_steps = graph_timeline(forward)
+    if analysis.room_after_forward and forward_steps:  # later graphs run beside what it keeps
+        forward_steps.append(forward_steps[-1] + analysis.room_after_forward)
+    steps = forward_steps + graph_timeline(backward, _backward_owned_inputs(analysis, backward))
     return [static + live for live in steps] or [static]
 
 
@@ -436,6 +478,8 @@ def _infeasible(analysis: Analysis, options: Options, least: int, best: Solution
         "inputs": analysis.static_bytes - analysis.parameter_bytes,
         "other graphs": analysis.extra_static_bytes,
     }
+    if analysis.room_after_forward:
+        breakdown["room for later graphs"] = analysis.room_after_forward
     breakdown["activations, gradients and temporaries"] = least - sum(breakdown.values())
     parts = ", ".join(f"{kind} {format_bytes(size)}" for kind, size in breakdown.items())
     return BudgetInfeasibleError(
@@ -486,6 +530,8 @@ def build_plan(
         "gradients": analysis.gradient_bytes,
         "other graphs": analysis.extra_static_bytes,
     }
+    if analysis.room_after_forward:
+        memory["room for later graphs"] = analysis.room_after_forward
     return Plan(
         graph=graph,
         budget_bytes=problem.budget_bytes,

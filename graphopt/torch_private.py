@@ -277,6 +277,17 @@ class _Partitioner(CustomPartitionerFn):
         return self
 
 
+def compiled_forward(compiled: torch.nn.Module) -> Callable:
+    """What ``torch.compile(module)``'s result calls for its forward (Dynamo's entry)."""
+    return compiled.forward
+
+
+def set_compiled_forward(compiled: torch.nn.Module, forward: Callable) -> None:
+    """Route calls of ``torch.compile(module)``'s result through `forward`: its
+    ``__call__`` runs hooks and then the instance's ``forward`` attribute."""
+    compiled.forward = forward
+
+
 def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn, uuid: str) -> Callable:
     """Inductor's full pipeline (joint-graph passes, decompositions, codegen) with our cut.
 

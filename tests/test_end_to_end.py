@@ -20,7 +20,10 @@ from torch import nn
 
 import graphopt
 from conftest import assert_grads_equal, assert_same_training_step, training_step
+from graphopt.backend import GraphoptBackend
 from graphopt.budget import format_bytes
+from graphopt.config import make_options
+from graphopt.errors import ReplanEarlierGraphs
 
 # ----------------------------------------------------------------------------- models
 # Sized so activations dominate the parameters: a budget below the no-budget peak can
@@ -195,14 +198,6 @@ def assert_plans_meet_budget(compiled, budget: int) -> list[graphopt.Plan]:
 
 
 # ----------------------------------------------------------------------------- equal to eager
-
-_GRAPH_BREAK_BUG = (
-    "graphopt bug: with a graph break the first graph is planned alone and takes torch's min-cut whenever "
-    "that fits the budget, keeping all its activations; the second graph then counts them as 'other graphs' "
-    "and no plan of its own fits, though recomputing in the first graph would have left room. Every budget "
-    "below the no-budget peak raises BudgetInfeasibleError"
-)
-
 
 def _xfail(reason: str):
     return pytest.mark.xfail(reason=reason, strict=True)
@@ -407,15 +402,62 @@ def test_graph_break_with_a_budget_two_plans_and_equal_gradients():
     assert second.memory["other graphs"] >= first_saved + first.memory["parameters"]
 
 
-@pytest.mark.xfail(strict=True, reason=_GRAPH_BREAK_BUG)
 def test_graph_break_under_a_tight_budget_recomputes_and_equals_eager():
+    """The first graph is planned before the second is traced; when the second cannot
+    fit beside what the first keeps, graphopt.compile plans the first again, leaving the
+    room the second asked for, and reruns the step."""
     inputs = _mlp_inputs()
     budget, compiled = under_tight_budget(
         "graph_break", lambda b: assert_same_training_step(GraphBreakMLP, inputs, memory_budget=b)
     )
     plans = assert_plans_meet_budget(compiled, budget)
-    assert len(plans) == 2
+    assert [p.graph for p in plans] == ["graph_0", "graph_1"]
     assert plans[1].memory["other graphs"] > 0
+    first_alone = _first_graph_alone(inputs)
+    assert plans[0].predicted_peak_bytes > first_alone.predicted_peak_bytes  # it left room
+    assert plans[0].memory["room for later graphs"] > 0
+
+
+def test_graph_break_through_the_torch_compile_backend_asks_to_replan():
+    """torch.compile(backend="graphopt") has no call graphopt could rerun: the request
+    to replan the first graph reaches the user, naming the room the second needs."""
+    inputs = _mlp_inputs()
+    budget = int(no_budget_peak("graph_break") * 0.9)
+    torch.manual_seed(0)
+    compiled = torch.compile(GraphBreakMLP(), backend="graphopt", options={"memory_budget": budget, "compiler": "eager"})
+    with pytest.raises(ReplanEarlierGraphs, match="use graphopt.compile") as request:
+        compiled(*inputs)
+    assert set(request.value.room_after) == {"graph_0"}
+    assert 0 < request.value.room_after["graph_0"] < budget
+
+
+def _first_graph_alone(inputs) -> graphopt.Plan:
+    """graph_0's plan without a budget (torch's min-cut)."""
+    torch.manual_seed(0)
+    compiled = graphopt.compile(GraphBreakMLP(), compiler="eager")
+    compiled(*inputs)
+    return graphopt.plans(compiled)[0]
+
+
+def test_graph_break_replanning_leaves_the_room_the_later_graph_needs():
+    """Replanning in isolation: a session told to leave room after graph_0 plans it
+    with that room at the forward's end, and names it in the plan's memory."""
+    inputs = _mlp_inputs()
+    alone = _first_graph_alone(inputs)
+    room = alone.predicted_peak_bytes // 2
+    budget = alone.predicted_peak_bytes + room // 2  # min-cut plus the room does not fit
+    options = make_options({"memory_budget": budget, "compiler": "eager"})
+    backend = GraphoptBackend(options, room_after={"graph_0": room})
+    torch.manual_seed(0)
+    compiled = torch.compile(GraphBreakMLP(), backend=backend)
+    try:
+        compiled(*inputs)
+    except ReplanEarlierGraphs:
+        pass  # graph_1 may still ask for more; graph_0's plan is what this test checks
+    plan = next(p for p in backend.session.plans if p.graph == "graph_0")
+    assert plan.memory["room for later graphs"] == room
+    assert plan.predicted_peak_bytes <= budget
+    assert any(d.action == "recompute" for d in plan.decisions)
 
 
 # ----------------------------------------------------------------------------- plans
