@@ -3,15 +3,17 @@
 Per candidate of ``S`` bytes, produced at step ``P``, freed in the forward after ``F``,
 needed in the backward from ``U`` to ``L`` (timeline steps, as in ``problem.py``):
 
-- ``quantize(b)``: a copy of ``q = quantized_bytes(numel, b)`` from ``P`` to ``U`` (the
-  dequantization frees it), then the full tensor from ``U`` to ``L``. Time: one
-  quantize and one dequantize kernel on the roofline (bytes read and written at the
-  memory bandwidth, plus a launch). Error: ``relative_squared_error(b)``.
+- ``quantize(b)`` (``b``: 8, 4 or 2 bits, or "fp8"): a copy of ``q =
+  quantized_bytes(numel, b)`` from ``P`` to ``U`` (the dequantization frees it), then
+  the full tensor from ``U`` to ``L``. Time: one quantize and one dequantize kernel on
+  the roofline (bytes read and written at the memory bandwidth, plus a launch). Error:
+  ``relative_squared_error(b)``.
 - ``offload``: the copy to host takes ``T = S / host_link`` and overlaps the forward
   compute after ``P``; the device keeps the tensor until the step where that compute
   reaches ``T`` (past ``F`` only if it has to). The prefetch starts at the latest
-  backward step whose compute before ``U`` covers ``T``; the tensor is on the device
-  from there to ``L``. Time: the part of each copy that no compute hides.
+  backward step whose compute before ``U`` covers ``T`` (at ``U``, exposed whole, when
+  none does); the tensor is on the device from there to ``L``. Time: the part of each
+  copy that no compute hides.
 - ``offload-quantized(b)``: quantize, then offload the ``q``-byte copy; the prefetched
   copy is dequantized at ``U``.
 
@@ -41,7 +43,7 @@ MIN_ALTERNATIVE_BYTES = 64 * 1024
 class AlternativeSettings:
     """What the options allow: lossy widths, and whether offloading may pay at all."""
 
-    quantize_bits: tuple[int, ...] = ()  # () keeps every result exact
+    quantize_bits: tuple[int | str, ...] = ()  # widths and "fp8"; () keeps every result exact
     offload: bool = False  # the device has a host link worth using (not a CPU)
 
 
@@ -62,7 +64,7 @@ class AlternativePricer:
         self._num_forward = num_forward_steps
 
     def alternatives(
-        self, value: object, lifetime: Lifetime, *, bits: Sequence[int], offload: bool, minimum_bytes: int = MIN_ALTERNATIVE_BYTES
+        self, value: object, lifetime: Lifetime, *, bits: Sequence[int | str], offload: bool, minimum_bytes: int = MIN_ALTERNATIVE_BYTES
     ) -> tuple[Alternative, ...]:
         if not isinstance(value, torch.Tensor) or not all(isinstance(s, int) for s in value.shape):
             return ()
@@ -79,7 +81,7 @@ class AlternativePricer:
                 found.append(self._offload(quantized, lifetime, b, kernels, relative_squared_error(b), size))
         return tuple(found)
 
-    def _quantize(self, value: torch.Tensor, size: int, lifetime: Lifetime, bits: int) -> Alternative:
+    def _quantize(self, value: torch.Tensor, size: int, lifetime: Lifetime, bits: int | str) -> Alternative:
         quantized = quantized_bytes(value.numel(), bits)
         intervals = ((lifetime.produced, lifetime.first_use, quantized), (lifetime.first_use, lifetime.last_use, size))
         return Alternative(QUANTIZE, bits, self._quantize_ms(size, quantized), intervals, relative_squared_error(bits))
@@ -90,7 +92,7 @@ class AlternativePricer:
         return 2 * ((size + quantized) / bandwidth * 1e3 + self._hardware.kernel_overhead_ms)
 
     def _offload(
-        self, moved: int, lifetime: Lifetime, bits: int | None, kernel_ms: float, error: float, size: int | None = None
+        self, moved: int, lifetime: Lifetime, bits: int | str | None, kernel_ms: float, error: float, size: int | None = None
     ) -> Alternative:
         """Offload `moved` bytes (the tensor, or its quantized copy when `bits` is set)."""
         transfer_ms = moved / self._hardware.host_link_bytes_per_s * 1e3
@@ -120,9 +122,13 @@ class AlternativePricer:
         return self._num_forward - 1, transfer_ms - hidden
 
     def _prefetch_start(self, first_use: int, transfer_ms: float) -> tuple[int, float]:
-        """The latest backward step whose compute before `first_use` hides the copy."""
+        """The latest backward step whose compute before `first_use` hides the copy.
+
+        When the whole backward before it cannot, the copy starts at the first use and
+        is exposed whole: started earlier it would hide only part of itself while holding
+        the tensor all that time (``passes.offload.hoist_prefetches`` places it alike).
+        """
         for step in range(first_use - 1, self._num_forward - 1, -1):
             if self._cumulative[first_use] - self._cumulative[step] >= transfer_ms:
                 return step, 0.0
-        hidden = self._cumulative[first_use] - self._cumulative[self._num_forward]
-        return self._num_forward, max(transfer_ms - hidden, 0.0)
+        return first_use, transfer_ms

@@ -28,6 +28,7 @@ from .errors import BudgetInfeasibleError, GraphoptError, PlanMismatchError, Rep
 from .passes.optimizer_in_backward import GraphParameters, GraphUpdates, OptimizerInBackward, apply_optimizer_in_backward, place_updates
 from .passes.reorder import reorder_graph
 from .passes.lower_saves import lower_saves
+from .passes.offload import hoist_prefetches
 from .passes.prune_frozen import prune_frozen
 from .plan import Decision, GraphReordering, Plan
 from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, action_error, action_ms, memory_timeline, parse_action
@@ -386,6 +387,12 @@ def _split_and_simulate(joint, analysis: Analysis, solution: Solution, options: 
     else:  # offload / quantize: split a copy of the joint graph that carries them
         lowered = lower_saves(joint, saved, analysis.candidate_nodes, solution.actions, host_is_device=analysis.host_is_device)
         forward, backward = torch_private.split_joint_graph(joint, lowered.saved, lowered.module)
+        node_ms = lambda node: estimate_node_cost(node, options.hardware).ms  # noqa: E731
+        owned = _backward_owned_inputs(analysis, backward)
+        peak = lambda graph_module: max(graph_timeline(graph_module, owned), default=0)  # noqa: E731
+        if hoist_prefetches(backward, node_ms, options.hardware.host_link_bytes_per_s, peak):
+            # Inductor's peak-memory reordering would sink the early copies back to their use.
+            torch_private.keep_order_through_inductor(backward)
     backward = place_updates(backward, joint)
     if options.reorder:
         _reorder(analysis, forward, backward)

@@ -185,3 +185,51 @@ def test_offloading_rms_norm_inputs_keeps_the_graph_in_order():
         model, inputs = build(batch=1, seq=128, n_layers=1, d_model=256, n_heads=4, hidden=512, vocab=1000)
     with pytest.raises(graphopt.BudgetInfeasibleError, match="least budget it can meet"):
         plan_model(model, inputs, memory_budget=1, hardware="h100")
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def _backward_with_a_prefetch(compute_nodes: int) -> tuple[torch.fx.GraphModule, torch.fx.Node]:
+    """host, x placeholders; `compute_nodes` ops on x; then prefetch(host), wait, a use."""
+    graph = torch.fx.Graph()
+    host = graph.placeholder("host")
+    host.meta["val"] = torch.empty(MB // 4, device="meta")  # 1 MiB
+    x = graph.placeholder("x")
+    for _ in range(compute_nodes):
+        x = graph.call_function(torch.ops.aten.sin.default, (x,))
+    back = graph.call_function(offload_ops.PREFETCH, (host, torch.device("cpu")))
+    back.meta["val"] = host.meta["val"]
+    ready = graph.call_function(offload_ops.WAIT, (back, host))
+    graph.output(graph.call_function(torch.ops.aten.add.Tensor, (ready, x)))
+    return torch.fx.GraphModule(torch.nn.Module(), graph), back
+
+
+def test_prefetch_is_hoisted_until_compute_hides_the_copy():
+    """1 MiB over a 1 GiB/s link is ~0.98 ms; at 0.4 ms per op three ops hide it, so the
+    copy starts three ops before its wait, not next to it."""
+    module, prefetch = _backward_with_a_prefetch(compute_nodes=5)
+    moved = offload_ops.hoist_prefetches(module, lambda node: 0.4, 2**30, peak_bytes=lambda graph_module: 0)
+    order = list(module.graph.nodes)
+    assert moved == 1
+    wait = next(iter(prefetch.users))
+    assert order.index(prefetch) == order.index(wait) - 4  # 3 sines between
+    x, host = torch.randn(MB // 4), torch.randn(MB // 4)
+    assert torch.equal(module(host, x), host + x.sin().sin().sin().sin().sin())
+
+
+def test_a_prefetch_no_compute_can_hide_stays_at_its_use():
+    """Hoisted to the top it would hide a fifth of the copy and hold 1 MiB all along."""
+    module, prefetch = _backward_with_a_prefetch(compute_nodes=2)
+    assert offload_ops.hoist_prefetches(module, lambda node: 0.1, 2**30, peak_bytes=lambda graph_module: 0) == 0
+    assert prefetch.next.target is offload_ops.WAIT
+
+
+def test_a_prefetch_that_would_raise_the_peak_stays_at_its_use():
+    module, prefetch = _backward_with_a_prefetch(compute_nodes=5)
+
+    def peak(graph_module):  # pretend the copy costs memory wherever it is not next to its wait
+        return 0 if prefetch.next.target is offload_ops.WAIT else 1
+
+    assert offload_ops.hoist_prefetches(module, lambda node: 0.4, 2**30, peak_bytes=peak) == 0
+    assert prefetch.next.target is offload_ops.WAIT
