@@ -31,6 +31,7 @@ from . import offline
 from .budget import format_bytes
 from .config import Options, make_options
 from .errors import BudgetInfeasibleError, GraphoptError
+from .passes.quantize import FP8
 from .plan import Plan, format_plan
 
 JSON_SCHEMA = "graphopt.plans/1"
@@ -126,8 +127,17 @@ def _parser() -> argparse.ArgumentParser:
         help='what fine-tuning trains, as graphopt.compile(trainable=): "bias", globs "a.*,b.*", '
         '"last_blocks=2", or "layers.*.mlp.up.weight=0.25" (the first quarter of its output channels)',
     )
-    plan.add_argument("--allow-lossy", action="store_true", help="let the planner save tensors quantized to 8, 4 or 2 bits")
-    plan.add_argument("--quantize-bits", type=int, choices=(8, 4, 2), help="let the planner quantize to this width only")
+    plan.add_argument(
+        "--allow-lossy",
+        action="store_true",
+        help="let the planner save tensors quantized to 8, 4 or 2 bits (and fp8 on hardware with fp8 units)",
+    )
+    plan.add_argument(
+        "--quantize-bits",
+        type=quantize_width,
+        choices=(8, 4, 2, FP8),
+        help="let the planner quantize to this width only (fp8: float8_e4m3fn codes)",
+    )
     return parser
 
 
@@ -200,6 +210,11 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             raise UsageError(f"--set takes key=value pairs (put model.py before --set), got {item!r}")
         overrides[key] = _value(text)
     return overrides
+
+
+def quantize_width(text: str) -> int | str:
+    """``--quantize-bits`` as graphopt.compile's ``quantize_bits=``: a bit count, or "fp8"."""
+    return text if text == FP8 else int(text)
 
 
 def parse_trainable_spec(text: str | None) -> Any:

@@ -10,6 +10,7 @@ from .cost_models import HardwareProfile, get_hardware
 from .errors import GraphoptError
 from .plan import load_plans
 from .passes.optimizer_in_backward import check_optimizer
+from .passes.quantize import FP8
 from .trainable import TrainableSpec, parse_trainable
 
 COMPILERS = ("inductor", "eager")
@@ -32,10 +33,10 @@ class Options:
     prediction_headroom: float = 0.05
     # Lossy saving (docs/offload_quantize.md): the quantized widths the program may
     # choose. () keeps every result exact (the default); allow_lossy=True gives (8, 4, 2),
-    # quantize_bits=b gives (b,).
-    quantize_bits: tuple[int, ...] = ()
+    # and "fp8" too where the hardware has fp8 units; quantize_bits=b gives (b,).
+    quantize_bits: tuple[int | str, ...] = ()
     # Milliseconds the objective charges per unit of expected relative squared error a
-    # quantized tensor carries (about 5e-5 at int8, 0.017 at int4, 0.8 at int2).
+    # quantized tensor carries (about 5e-5 at int8, 7e-4 at fp8, 0.017 at int4, 0.8 at int2).
     lossy_error_weight_ms: float = 1000.0
     # Memory-aware reordering of the split graphs (graphopt/passes/reorder.py). Off by
     # default: on a recompute-heavy ViT plan its simulated gain (34 -> 25 MB) was not what
@@ -120,7 +121,7 @@ def make_options(settings: dict[str, Any] | None = None, **overrides: Any) -> Op
         model_static_bytes=int(merged.get("model_static_bytes", 0)),
         prediction_headroom=headroom,
         cost_model=cost_model,
-        quantize_bits=_lossy_bits(merged.get("allow_lossy", False), merged.get("quantize_bits")),
+        quantize_bits=_lossy_bits(merged.get("allow_lossy", False), merged.get("quantize_bits"), hardware),
         lossy_error_weight_ms=_error_weight(merged.get("lossy_error_weight_ms", 1000.0)),
         reorder=bool(merged.get("reorder", False)),
         trainable=parse_trainable(merged.get("trainable", "all")),
@@ -158,15 +159,24 @@ def _checked_optimizer(optimizer: Any) -> Any:
 _LOSSY_BITS = (8, 4, 2)
 
 
-def _lossy_bits(allow_lossy: Any, quantize_bits: Any) -> tuple[int, ...]:
-    """The widths the program may quantize to: none unless the user opts in."""
+def _lossy_bits(allow_lossy: Any, quantize_bits: Any, hardware: HardwareProfile) -> tuple[int | str, ...]:
+    """The widths the program may quantize to: none unless the user opts in.
+
+    fp8 is a storage format here (its conversions run on any device, the CPU too), so
+    ``quantize_bits="fp8"`` is honoured everywhere; ``allow_lossy`` offers it only where
+    the hardware has fp8 units, whose conversions are native instructions rather than
+    bit manipulation.
+    """
     if quantize_bits is not None:
-        if quantize_bits not in _LOSSY_BITS:
-            raise GraphoptError(f"quantize_bits={quantize_bits!r}; choose one of {_LOSSY_BITS}, or allow_lossy=True")
-        return (int(quantize_bits),)
+        choices = (*_LOSSY_BITS, FP8)
+        if quantize_bits not in choices:
+            raise GraphoptError(f"quantize_bits={quantize_bits!r}; choose one of {choices}, or allow_lossy=True")
+        return (FP8,) if quantize_bits == FP8 else (int(quantize_bits),)
     if not isinstance(allow_lossy, bool):
         raise GraphoptError(f"allow_lossy={allow_lossy!r} must be True or False")
-    return _LOSSY_BITS if allow_lossy else ()
+    if not allow_lossy:
+        return ()
+    return (8, FP8, 4, 2) if hardware.has_fp8_units else _LOSSY_BITS
 
 
 def _error_weight(weight: Any) -> float:

@@ -11,7 +11,7 @@ JSON schema (``Plan.to_json``), version 1::
      "decisions": [{"node": str, "tensor": str,
                     "action": "keep"|"recompute"|"offload"|"quantize"|"offload-quantized", "bytes": int,
                     "added_ms": float, "reason": str, "source": str|null, "key": str,
-                    "bits": int|null, "error": float}, ...],
+                    "bits": int|"fp8"|null, "error": float}, ...],
      "reordering": [{"graph": "forward"|"backward", "method": str, "peak_before_bytes": int,
                      "peak_after_bytes": int, "inductor_reorder": bool}, ...],
      "pruning": null | {"frozen_parameters": [str, ...], "partial_parameters": [str, ...],
@@ -19,9 +19,9 @@ JSON schema (``Plan.to_json``), version 1::
                         "backward_flops_before": float, "backward_flops_after": float,
                         "backward_nodes_before": int, "backward_nodes_after": int}}
 
-``bits`` is the quantized width of a "quantize" / "offload-quantized" decision (null
-otherwise) and ``error`` its expected relative squared error (0 for exact decisions); a
-decision without them loads as exact.
+``bits`` is the quantized width of a "quantize" / "offload-quantized" decision (8, 4 or
+2, or "fp8" for float8_e4m3fn codes; null otherwise) and ``error`` its expected relative
+squared error (0 for exact decisions); a decision without them loads as exact.
 ``reordering`` is empty when reordering is off; a plan without it loads as such.
 ``pruning`` is null unless ``trainable=`` froze something; a plan without it loads as null.
 """
@@ -50,18 +50,21 @@ class Decision:
     reason: str
     source: str | None = None  # "model.py:41" when known
     key: str = ""  # stable across retracing: what a saved plan is matched by (planner.decision_keys)
-    bits: int | None = None  # quantized width ("quantize", "offload-quantized")
+    bits: int | str | None = None  # quantized width or "fp8" ("quantize", "offload-quantized")
     error: float = 0.0  # expected relative squared error the decision puts in the tensor
 
     @property
     def planned_action(self) -> str:
-        """The action as the program names it: ``quantize:8``, ``offload``, ``keep``."""
+        """The action as the program names it: ``quantize:8``, ``quantize:fp8``, ``offload``, ``keep``."""
         return self.action if self.bits is None else f"{self.action}:{self.bits}"
 
     @property
     def label(self) -> str:
-        """The action as printed: ``quantize:int8``, ``offload``."""
-        return self.action if self.bits is None else f"{self.action}:int{self.bits}"
+        """The action as printed: ``quantize:int8``, ``quantize:fp8``, ``offload``."""
+        if self.bits is None:
+            return self.action
+        width = f"int{self.bits}" if isinstance(self.bits, int) else self.bits
+        return f"{self.action}:{width}"
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

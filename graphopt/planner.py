@@ -590,7 +590,7 @@ def _alternative_reason(node: fx.Node, candidate, action: str) -> str:
     else:
         why = f"{format_bytes(held)} held instead of {format_bytes(candidate.size_bytes)} until the backward needs it"
     error = f", expected relative squared error {alternative.error:.2g}" if alternative.error else ""
-    width = f" to int{bits}" if bits else ""
+    width = f" to int{bits}" if isinstance(bits, int) else f" to {bits}" if bits else ""
     return f"{kind}{width}: {why}; adds {alternative.added_ms:.3f} ms{error}"
 
 

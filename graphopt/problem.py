@@ -43,7 +43,7 @@ class Alternative:
     """
 
     kind: str
-    bits: int | None  # quantized width; None: full precision
+    bits: int | str | None  # quantized width (8, 4, 2) or format ("fp8"); None: full precision
     added_ms: float
     intervals: tuple[tuple[int, int, int], ...]
     error: float = 0.0
@@ -59,14 +59,17 @@ class Alternative:
 
     @property
     def action(self) -> str:
-        """The action string a ``Solution`` carries: ``"offload"``, ``"quantize:8"``, ..."""
+        """The action string a ``Solution`` carries: ``"offload"``, ``"quantize:8"``, ``"quantize:fp8"``, ..."""
         return self.kind if self.bits is None else f"{self.kind}:{self.bits}"
 
 
-def parse_action(action: str) -> tuple[str, int | None]:
-    """``"quantize:8"`` -> ``("quantize", 8)``; ``"keep"`` -> ``("keep", None)``."""
+def parse_action(action: str) -> tuple[str, int | str | None]:
+    """``"quantize:8"`` -> ``("quantize", 8)``; ``"quantize:fp8"`` -> ``("quantize", "fp8")``;
+    ``"keep"`` -> ``("keep", None)``. A width is a bit count, anything else a format's name."""
     kind, _, bits = action.partition(":")
-    return kind, int(bits) if bits else None
+    if not bits:
+        return kind, None
+    return kind, int(bits) if bits.isdigit() else bits
 
 
 @dataclasses.dataclass(frozen=True)

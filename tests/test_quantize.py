@@ -5,6 +5,7 @@ one Inductor test)."""
 import copy
 import dataclasses
 import functools
+import json
 
 import pytest
 import torch
@@ -12,9 +13,14 @@ from torch import nn
 
 import graphopt
 from graphopt.alternatives import AlternativePricer, Lifetime
+from graphopt.cli import _parser
+from graphopt.config import make_options
 from graphopt.cost_models import get_hardware
-from graphopt.passes.quantize import dequantize, quantize, quantized_bytes, relative_squared_error
-from graphopt.problem import KEEP, QUANTIZE, RECOMPUTE, Alternative, Candidate, Problem, evaluate, memory_timeline
+from graphopt.passes.quantize import FP8, dequantize, quantize, quantized_bytes, relative_squared_error
+from graphopt.planner import alternative_settings
+from graphopt.problem import (
+    KEEP, QUANTIZE, RECOMPUTE, Alternative, Candidate, Problem, evaluate, memory_timeline, parse_action,
+)
 from graphopt.solver import greedy, solve
 
 from conftest import assert_same_training_step, training_step
@@ -25,7 +31,7 @@ MB = 2**20
 # ----------------------------------------------------------------------------- format
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bits", [8, 4, 2, FP8])
 @pytest.mark.parametrize("shape", [(1000,), (8, 130), (4, 64, 32)])
 def test_round_trip_error_matches_the_model(bits, shape):
     torch.manual_seed(0)
@@ -48,17 +54,63 @@ def test_quantizing_is_deterministic_and_keeps_zeros():
     assert torch.equal(dequantize(codes, scales, 4, x.shape, x.dtype), x)  # 0 and the absmax are exact
 
 
-def test_bfloat16_round_trip():
+@pytest.mark.parametrize("bits, rtol", [(8, 0.02), (FP8, 2**-4)])  # fp8: half a step of 3 mantissa bits
+def test_bfloat16_round_trip(bits, rtol):
     x = torch.randn(512, dtype=torch.bfloat16)
-    codes, scales = quantize(x, 8, x.numel())
-    restored = dequantize(codes, scales, 8, x.shape, x.dtype)
+    codes, scales = quantize(x, bits, x.numel())
+    restored = dequantize(codes, scales, bits, x.shape, x.dtype)
     assert restored.dtype == torch.bfloat16
-    torch.testing.assert_close(restored, x, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(restored, x, rtol=rtol, atol=0.02)
+
+
+def test_fp8_codes_span_the_format_and_keep_zeros():
+    x = torch.zeros(300)
+    x[5], x[6], x[200] = -3.0, 1e-6, 1e-3
+    codes, scales = quantize(x, FP8, x.numel())
+    assert codes.dtype == torch.float8_e4m3fn and codes.element_size() == 1
+    assert codes.float().abs().amax(1).tolist() == [448.0, 448.0, 0.0]  # each group's largest maps to e4m3fn's
+    expected = x.clone()
+    expected[6] = 0.0  # under half e4m3fn's smallest subnormal (2^-9) once its group is scaled: flushed
+    torch.testing.assert_close(dequantize(codes, scales, FP8, x.shape, x.dtype), expected, rtol=1e-6, atol=0.0)
+    outlier = torch.randn(128)
+    outlier[0] = 1000.0  # an int8 group's step follows the outlier; fp8's relative precision does not
+    restored = {b: dequantize(*quantize(outlier, b, 128), b, (128,), torch.float32) for b in (8, FP8)}
+    error = {b: ((restored[b] - outlier)[1:] ** 2).sum() / (outlier[1:] ** 2).sum() for b in (8, FP8)}
+    assert error[FP8] < relative_squared_error(FP8) * 2 < error[8]
+
+
+@pytest.mark.inductor
+def test_inductor_compiles_the_fp8_conversions_like_eager():
+    def round_trip(x):
+        codes, scales = quantize(x, FP8, x.numel())
+        return codes, dequantize(codes, scales, FP8, x.shape, x.dtype)
+
+    x = torch.randn(64, 130)
+    codes, restored = round_trip(x)
+    compiled_codes, compiled_restored = torch.compile(round_trip, backend="inductor")(x)
+    assert torch.equal(compiled_codes.view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(compiled_restored, restored)
 
 
 def test_unsupported_width_is_an_error():
     with pytest.raises(ValueError, match="bits is not supported"):
         quantized_bytes(100, 3)
+    with pytest.raises(ValueError, match="bits is not supported"):
+        quantize(torch.ones(4), "fp16", 4)
+
+
+def test_fp8_error_model_sits_between_int8_and_int4():
+    assert relative_squared_error(FP8) == pytest.approx(7.0e-4, rel=0.01)
+    assert relative_squared_error(8) < relative_squared_error(FP8) < relative_squared_error(4)
+    assert quantized_bytes(1000, FP8) == quantized_bytes(1000, 8)
+
+
+def test_parse_action_reads_bit_counts_and_format_names():
+    assert parse_action("quantize:fp8") == (QUANTIZE, FP8)
+    assert parse_action("offload-quantized:fp8") == ("offload-quantized", FP8)
+    assert parse_action("quantize:8") == (QUANTIZE, 8)
+    assert parse_action(KEEP) == (KEEP, None)
+    assert Alternative(QUANTIZE, FP8, 0.0, ()).action == "quantize:fp8"
 
 
 # ----------------------------------------------------------------------------- the program
@@ -199,6 +251,8 @@ def test_plan_json_round_trips_lossy_decisions():
 def test_bad_lossy_options_are_errors():
     with pytest.raises(graphopt.GraphoptError, match="quantize_bits=3"):
         graphopt.compile(_mlp(), quantize_bits=3)
+    with pytest.raises(graphopt.GraphoptError, match="quantize_bits='e5m2'; choose one of .*'fp8'"):
+        graphopt.compile(_mlp(), quantize_bits="e5m2")
     with pytest.raises(graphopt.GraphoptError, match="allow_lossy"):
         graphopt.compile(_mlp(), allow_lossy="yes")
 
@@ -221,5 +275,57 @@ def test_int4_with_inductor():
 def test_decisions_of_the_new_kinds_print_and_load_compatibly():
     decision = graphopt.Decision("mul_3", "mlp.act: mul", "quantize", 2 * MB, 0.3, "why", bits=4, error=0.017)
     assert decision.label == "quantize:int4"
+    assert dataclasses.replace(decision, bits=FP8).label == "quantize:fp8"
     old = {"node": "mul_3", "tensor": "mlp.act: mul", "action": "keep", "bytes": 8, "added_ms": 0.0, "reason": "r", "source": None}
     assert graphopt.Decision(**old).bits is None and graphopt.Decision(**old).error == 0.0  # plans saved before
+
+
+# ----------------------------------------------------------------------------- fp8
+
+
+def test_allow_lossy_offers_fp8_only_on_hardware_with_fp8_units():
+    assert FP8 in alternative_settings(make_options(hardware="h100", allow_lossy=True)).quantize_bits
+    assert FP8 not in alternative_settings(make_options(hardware="a100", allow_lossy=True)).quantize_bits
+    assert FP8 not in alternative_settings(make_options(hardware="cpu", allow_lossy=True)).quantize_bits
+    assert alternative_settings(make_options(hardware="cpu", quantize_bits=FP8)).quantize_bits == (FP8,)
+    assert _parser().parse_args(["plan", "model.py", "--quantize-bits", "fp8"]).quantize_bits == FP8
+
+
+@functools.cache
+def _fp8_step() -> tuple[graphopt.Plan, torch.Tensor, torch.Tensor]:
+    """The fp8 plan below the exact least peak, and the exact and fp8 gradients of one step."""
+    torch.manual_seed(0)
+    exact = _loss_model()
+    lossy = copy.deepcopy(exact)
+    compiled = graphopt.compile(lossy, compiler="eager", memory_budget=int(_tight_budget() * 0.93), quantize_bits=FP8)
+    training_step(exact, INPUTS)
+    training_step(compiled, INPUTS)
+    grads = [torch.cat([p.grad.flatten() for p in model.parameters()]) for model in (exact, lossy)]
+    return graphopt.plans(compiled)[0], *grads
+
+
+def test_fp8_gradients_close_to_exact_below_the_exact_least_peak():
+    plan, exact_grads, fp8_grads = _fp8_step()
+    quantized = [d for d in plan.decisions if d.action == "quantize"]
+    assert quantized and all(d.bits == FP8 and d.error == pytest.approx(relative_squared_error(FP8)) for d in quantized)
+    assert plan.predicted_peak_bytes <= int(_tight_budget() * 0.93)
+    assert "quantize:fp8" in str(plan)
+    assert torch.nn.functional.cosine_similarity(exact_grads, fp8_grads, dim=0) >= 0.999
+    assert not torch.equal(exact_grads, fp8_grads)  # the fp8 copies were really used
+
+
+def test_an_fp8_plan_round_trips_and_applies_where_fp8_is_offered(tmp_path):
+    plan, _, fp8_grads = _fp8_step()
+    path = tmp_path / "plan.json"
+    path.write_text(plan.dumps())
+    loaded = graphopt.Plan.from_json(json.loads(path.read_text()))
+    assert loaded.decisions == plan.decisions and any(d.planned_action == "quantize:fp8" for d in loaded.decisions)
+    torch.manual_seed(0)
+    model = _loss_model()
+    compiled = graphopt.compile(model, compiler="eager", plan=str(path), hardware="h100", allow_lossy=True)
+    training_step(compiled, INPUTS)
+    assert graphopt.plans(compiled)[0].method == "given plan"
+    assert torch.equal(torch.cat([p.grad.flatten() for p in model.parameters()]), fp8_grads)  # same codes, same step
+    refused = graphopt.compile(_loss_model(), compiler="eager", plan=str(path), hardware="cpu", allow_lossy=True)
+    with pytest.raises(graphopt.PlanMismatchError, match="quantize:fp8 .* which these options do not allow"):
+        training_step(refused, INPUTS)

@@ -79,6 +79,12 @@ class HardwareProfile:
             return float(self.peak_flops_per_s[name])
         return float(self.peak_flops_per_s[FALLBACK_DTYPE_NAME])
 
+    @property
+    def has_fp8_units(self) -> bool:
+        """Whether the device computes in fp8 faster than in fp16 (H100, L4, RTX 4090): the
+        profiles of devices with fp8 tensor cores list a "float8" figure above "float16"."""
+        return self.flops_per_s(torch.float8_e4m3fn) > self.flops_per_s(torch.float16)
+
     def to_json(self) -> dict:
         data = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         data["peak_flops_per_s"] = dict(self.peak_flops_per_s)

@@ -79,7 +79,7 @@ def lower_saves(
     return LoweredSaves(module, new_saved, len(restored))
 
 
-def _save(graph: fx.Graph, x: fx.Node, kind: str, bits: int | None, backward: set[fx.Node]) -> tuple[list[fx.Node], fx.Node]:
+def _save(graph: fx.Graph, x: fx.Node, kind: str, bits: int | str | None, backward: set[fx.Node]) -> tuple[list[fx.Node], fx.Node]:
     """The saved nodes for `x` and the node that restores it on the backward side.
 
     The restoring nodes are inserted right after the saved forms (a valid order); the
