@@ -192,14 +192,56 @@ def test_wide_mlp_measured_peak_stays_under_the_budget():
     assert figures["measured"] <= budget, figures
 
 
+def test_wide_mlp_predicted_peak_is_within_10_percent_of_the_measured():
+    """Budgeted graphs keep their order through Inductor, so the simulation is the
+    generated code's schedule (139.5 MB predicted, 139.2 MB measured; with Inductor's
+    own peak-memory reordering the same plan measured 122.8 MB, 12% below what graphopt
+    could predict)."""
+    figures = _wide_mlp_figures()
+    assert abs(figures["predicted"] - figures["measured"]) <= 0.10 * figures["measured"], figures
+
+
+# A recompute-heavy plan on a small ViT (the suite's, docs/benchmarks.md) at a budget
+# just above its least: here the generated code's peak is far above the simulation's.
+_VIT_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import torch
+    import graphopt
+    from bench.models import build_vit
+
+    torch.manual_seed(0)
+    bench_model = build_vit("cpu", "full")
+    model, inputs = bench_model.module, bench_model.inputs
+    static = sum(t.numel() * t.element_size() for t in [*model.parameters(), *inputs])
+    compiled = graphopt.compile(model, memory_budget=36_000_000)
+
+    def step():
+        compiled(*inputs).backward()
+
+    step()
+    model.zero_grad(set_to_none=True)
+    _, peak = graphopt.measure_peak(step, device="cpu")
+    (plan,) = graphopt.plans(compiled)
+    print(json.dumps({"predicted": plan.predicted_peak_bytes, "measured": peak.peak_bytes + static}))
+    """
+)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "graphopt's prediction is conservative by more than 10% on this MLP: budget 153.4 MB, predicted "
-        "139.5 MB, measured 122.6 MB (+13.8%); with reorder=True it is within 1% (104.9 vs 105.8 MB), but "
-        "reordering is off by default because it under-predicted a ViT plan (docs/reorder.md)"
+        "graphopt bug: on this ViT at 36 MB the plan simulates at 31.1 MB but Inductor's code measures 51.6 MB. "
+        "The backward graph graphopt hands Inductor recomputes block 0's MLP up-projection at node 158 of 792 "
+        "and reads it again near the end; the generated code holds seven such 3.2 MB buffers at its peak, where "
+        "the simulation of the same graph counts far less (cause not found yet). Neither Inductor's peak-memory "
+        "reordering nor horizontal fusion causes it (both off: the same 51.5 MB); the suite's GPT at its least "
+        "budget measured 13% over too"
     ),
 )
-def test_wide_mlp_predicted_peak_is_within_10_percent_of_the_measured():
-    figures = _wide_mlp_figures()
-    assert abs(figures["predicted"] - figures["measured"]) <= 0.10 * figures["measured"], figures
+def test_vit_at_a_tight_budget_stays_under_it():
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", _VIT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["measured"] <= 36_000_000, figures
