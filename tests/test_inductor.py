@@ -202,7 +202,7 @@ def test_wide_mlp_predicted_peak_is_within_10_percent_of_the_measured():
 
 
 # A recompute-heavy plan on a small ViT (the suite's, docs/benchmarks.md) at a budget
-# just above its least: here the generated code's peak is far above the simulation's.
+# just above its least: the measured peak is a few MB above the simulation's.
 _VIT_SCRIPT = textwrap.dedent(
     """
     import json
@@ -214,7 +214,7 @@ _VIT_SCRIPT = textwrap.dedent(
     bench_model = build_vit("cpu", "full")
     model, inputs = bench_model.module, bench_model.inputs
     static = sum(t.numel() * t.element_size() for t in [*model.parameters(), *inputs])
-    compiled = graphopt.compile(model, memory_budget=36_000_000)
+    compiled = graphopt.compile(model, memory_budget=38_000_000)
 
     def step():
         compiled(*inputs).backward()
@@ -231,12 +231,11 @@ _VIT_SCRIPT = textwrap.dedent(
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "graphopt bug: on this ViT at 36 MB the plan simulates at 31.1 MB but Inductor's code measures 51.6 MB. "
-        "The backward graph graphopt hands Inductor recomputes block 0's MLP up-projection at node 158 of 792 "
-        "and reads it again near the end; the generated code holds seven such 3.2 MB buffers at its peak, where "
-        "the simulation of the same graph counts far less (cause not found yet). Neither Inductor's peak-memory "
-        "reordering nor horizontal fusion causes it (both off: the same 51.5 MB); the suite's GPT at its least "
-        "budget measured 13% over too"
+        "graphopt bug: on this ViT at 38 MB the plan simulates at 35.9 MB and measures 39.6 MB. The forward "
+        "measures as simulated (32.7 vs 32.1 MB with parameters); the backward starts from 23.3 MB of saved "
+        "tensors and peaks 3.2 MB (one MLP-sized buffer) above the simulation, whose own peak matches the "
+        "generated backward code's allocations (27.1 vs 27.0 MB): the saved tensors are counted short, cause "
+        "not found yet"
     ),
 )
 def test_vit_at_a_tight_budget_stays_under_it():
@@ -244,4 +243,4 @@ def test_vit_at_a_tight_budget_stays_under_it():
     result = subprocess.run([sys.executable, "-c", _VIT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert figures["measured"] <= 36_000_000, figures
+    assert figures["measured"] <= 38_000_000, figures

@@ -76,13 +76,22 @@ def is_materialized(node: fx.Node, users: list[fx.Node] | tuple[fx.Node, ...]) -
     """Whether Inductor gives the node's output a buffer of its own.
 
     Pointwise chains fuse: a pointwise node read only by pointwise nodes (`users`, from
-    the same graph) is computed inside its consumers' kernel and never stored.
+    the same graph) is computed inside its consumers' kernel and never stored. A view
+    has no kernel to fuse into: its readers are what reads the value (a GELU read
+    through a ``view`` by a matmul is stored).
     """
     if allocated_bytes(node) == 0:
         return False
     if not users or not torch_private.is_fusible(node):
         return True
-    return not all(torch_private.is_fusible(user) for user in users)
+    return not all(_fuses(user) for user in users)
+
+
+def _fuses(reader: fx.Node) -> bool:
+    """Whether `reader` computes the value it reads inside its own kernel."""
+    if _aliases_input(reader):
+        return all(_fuses(user) for user in reader.users)
+    return torch_private.is_fusible(reader)
 
 
 def storage_owners(
