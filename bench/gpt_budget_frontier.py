@@ -37,13 +37,12 @@ step): amb 1.0: 302 MB / 899 ms; 0.5: 206 MB / 996 ms; 0.2: 190 MB / 1656 ms; 0.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from typing import Any
 
-from bench.script import run_child_script, script_parser, with_errors, write_csv
+from bench.script import child_main, report, run_child_script, script_parser, with_errors
 
 TORCH_AMB_VALUES = (1.0, 0.5, 0.2, 0.0)
 TORCH_REFERENCE = "torch-amb-1.0"
@@ -252,21 +251,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     if args.child:
-        try:
-            result = run_child(args.child, args.steps, args.warmup)
-        except Exception as error:  # reported as data so the sweep goes on
-            result = {"config": args.child, "error": f"{type(error).__name__}: {error}"}
-        print(json.dumps(result), flush=True)
-        return 0
+        return child_main(lambda: run_child(args.child, args.steps, args.warmup), {"config": args.child})
     args.default_sweep = args.configs is None
     configs = [f"torch-amb-{v}" for v in TORCH_AMB_VALUES] if args.default_sweep else args.configs.split(",")
     results = run_sweep(configs, args)
     if args.lossy:
         results += run_lossy(results, args)
     rows = summarize(results)
-    write_csv(rows, args.out, CSV_FIELDS)
-    print(format_table(rows))
-    print(f"wrote {args.out}")
+    report(rows, args.out, CSV_FIELDS, format_table)
     return 0
 
 

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
 from typing import Any
 
-from bench.script import run_child_script, script_parser, with_errors, write_csv
+from bench.script import child_main, report, run_child_script, script_parser, with_errors
 
 MODELS = ("mlp", "gpt", "gpt8x512")
 HOWS = ("torch-step", "graphopt-step", "graphopt-in-backward")
@@ -221,17 +220,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     if args.child:
-        try:
-            result = run_child(args.child, args.steps, args.warmup)
-        except Exception as error:  # reported as data so the sweep goes on
-            result = {"config": args.child, "error": f"{type(error).__name__}: {error}"}
-        print(json.dumps(result), flush=True)
-        return 0
+        return child_main(lambda: run_child(args.child, args.steps, args.warmup), {"config": args.child})
     configs = args.configs.split(",") if args.configs else DEFAULT_CONFIGS
     rows = summarize([run_config(config, args) for config in configs])
-    write_csv(rows, args.out, CSV_FIELDS)
-    print(format_table(rows))
-    print(f"wrote {args.out}")
+    report(rows, args.out, CSV_FIELDS, format_table)
     return 0
 
 

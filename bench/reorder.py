@@ -30,13 +30,12 @@ reported only as ratios to ``inductor-order`` of the same model, in the same run
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from typing import Any
 
-from bench.script import run_child_script, script_parser, with_errors, write_csv
+from bench.script import child_main, report, run_child_script, script_parser, with_errors
 
 MODELS = ("gpt", "resnet", "heads")
 CONFIGS = ("inductor-order", "graphopt-order", "no-reorder")
@@ -249,17 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     if args.child:
         model_name, _, config = args.child.partition(":")
-        try:
-            result = run_child(model_name, config, args.steps, args.warmup)
-        except Exception as error:  # reported as data so the other configurations still run
-            result = {"model": model_name, "config": config, "error": f"{type(error).__name__}: {error}"}
-        print(json.dumps(result), flush=True)
-        return 0
+        return child_main(lambda: run_child(model_name, config, args.steps, args.warmup), {"model": model_name, "config": config})
     results = [run_config(m, c, args) for m in args.models.split(",") for c in args.configs.split(",")]
     rows = summarize(results)
-    write_csv(rows, args.out, CSV_FIELDS)
-    print(format_table(rows))
-    print(f"wrote {args.out}")
+    report(rows, args.out, CSV_FIELDS, format_table)
     return 0
 
 

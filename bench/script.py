@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,25 @@ def run_child_script(
         tail = " | ".join(completed.stderr.strip().splitlines()[-5:])
         return {**label, "error": f"exit {completed.returncode}: {tail}"}
     return json.loads(json_lines[-1])
+
+
+def child_main(run: Callable[[], dict[str, Any]], label: dict[str, Any]) -> int:
+    """In the child process: run one configuration and print its result as the JSON line
+    `run_child_script` reads; an exception is reported as data (labelled with `label`)
+    so the other configurations still run."""
+    try:
+        result = run()
+    except Exception as error:
+        result = {**label, "error": f"{type(error).__name__}: {error}"}
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def report(rows: list[dict[str, Any]], path: Path, fields: list[str], format_table: Callable[[list], str]) -> None:
+    """Write the CSV and print the table."""
+    write_csv(rows, path, fields)
+    print(format_table(rows))
+    print(f"wrote {path}")
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path, fields: list[str]) -> None:

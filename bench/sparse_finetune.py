@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any
 
-from bench.script import run_child_script, script_parser, with_errors, write_csv
+from bench.script import child_main, report, run_child_script, script_parser, with_errors
 
 CONFIGS = {
     "full": "all",
@@ -169,21 +169,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     if args.child:
-        try:
-            result = run_child(args.child, args.steps, args.warmup)
-        except Exception as error:  # reported as data so the other configurations still run
-            result = {"config": args.child, "error": f"{type(error).__name__}: {error}"}
-        print(json.dumps(result), flush=True)
-        return 0
+        return child_main(lambda: run_child(args.child, args.steps, args.warmup), {"config": args.child})
     configs = args.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         print(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}", file=sys.stderr)
         return 2
     rows = summarize([run_config(config, args) for config in configs])
-    write_csv(rows, args.out, CSV_FIELDS)
-    print(format_table(rows))
-    print(f"wrote {args.out}")
+    report(rows, args.out, CSV_FIELDS, format_table)
     return 0
 
 
