@@ -67,7 +67,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
     ``allow_lossy=True`` lets the planner save tensors quantized to 8, 4 or 2 bits, and
     fp8 (float8_e4m3fn) on hardware with fp8 units (chosen per tensor; each expected
     error is charged ``lossy_error_weight_ms`` ms per unit of relative squared error and
-    reported in the plan); ``quantize_bits=8`` (or 4, 2, ``"fp8"``) allows that width only. By default every result is exact (docs/offload_quantize.md).
+    reported in the plan); ``quantize_bits=8`` (or 4, 2, ``"fp8"``) allows that width
+    only. By default every result is exact (docs/offload_quantize.md).
     ``plan=`` applies a saved plan instead of solving: a path to the JSON that
     ``graphopt plan --json`` or ``Plan.dumps()`` wrote, a ``Plan`` or a list of them
     (from ``graphopt.plans``). Decisions are matched to tensors by module path and op;

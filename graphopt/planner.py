@@ -486,13 +486,7 @@ def _infeasible(analysis: Analysis, options: Options, least: int, best: Solution
     least_budget = math.ceil(least / (1 - options.prediction_headroom))
     timeline = memory_timeline(analysis.problem, best.actions)
     phase = "forward" if timeline.index(max(timeline)) < analysis.problem.num_forward_steps else "backward"
-    breakdown = {
-        "parameters": analysis.parameter_bytes,
-        "inputs": analysis.static_bytes - analysis.parameter_bytes,
-        "other graphs": analysis.extra_static_bytes,
-    }
-    if analysis.room_after_forward:
-        breakdown["room for later graphs"] = analysis.room_after_forward
+    breakdown = _memory_no_decision_changes(analysis, gradients=False)
     breakdown["activations, gradients and temporaries"] = least - sum(breakdown.values())
     parts = ", ".join(f"{kind} {format_bytes(size)}" for kind, size in breakdown.items())
     return BudgetInfeasibleError(
@@ -503,6 +497,18 @@ def _infeasible(analysis: Analysis, options: Options, least: int, best: Solution
         least_peak_bytes=least_budget,
         breakdown=breakdown,
     )
+
+
+def _memory_no_decision_changes(analysis: Analysis, *, gradients: bool) -> dict[str, int]:
+    """The plan's static memory by kind, as `Plan.memory` and the infeasible error's
+    breakdown show it (the breakdown leaves gradients with the activations)."""
+    memory = {"parameters": analysis.parameter_bytes, "inputs": analysis.static_bytes - analysis.parameter_bytes}
+    if gradients:
+        memory["gradients"] = analysis.gradient_bytes
+    memory["other graphs"] = analysis.extra_static_bytes
+    if analysis.room_after_forward:
+        memory["room for later graphs"] = analysis.room_after_forward
+    return memory
 
 
 # ----------------------------------------------------------------------------- plan
@@ -537,14 +543,7 @@ def build_plan(
                 source=source_line(node),
             )
         )
-    memory = {
-        "parameters": analysis.parameter_bytes,
-        "inputs": analysis.static_bytes - analysis.parameter_bytes,
-        "gradients": analysis.gradient_bytes,
-        "other graphs": analysis.extra_static_bytes,
-    }
-    if analysis.room_after_forward:
-        memory["room for later graphs"] = analysis.room_after_forward
+    memory = _memory_no_decision_changes(analysis, gradients=True)
     return Plan(
         graph=graph,
         budget_bytes=problem.budget_bytes,
