@@ -25,7 +25,7 @@ import torch.fx as fx
 from . import torch_private
 from .alternatives import AlternativePricer, AlternativeSettings, Lifetime
 from .cost_models import HardwareProfile, OpCost, estimate_node_cost
-from .cost_models.memory import allocated_bytes, is_materialized, storage_owner, value_bytes
+from .cost_models.memory import allocated_by, allocated_bytes, is_materialized, storage_owner, value_bytes
 from .problem import QUANTIZE, Candidate, Problem
 from .torch_private import JointGraph
 
@@ -92,14 +92,14 @@ def analyze(
         forward_uses = uses.forward.get(node, [])
         last = num_forward - 1 if node in forward_outputs else max(forward_uses, default=position[node])
         if _is_temporary(node, position, num_forward):
-            _add(base, position[node], last, allocated_bytes(node))
+            _add(base, position[allocated_by(node)], last, allocated_bytes(node))
             free_at[node] = last
         else:
             free_at[node] = position[node] - 1
     for node in joint.backward_nodes:
         last = end if node in backward_outputs else max(uses.backward.get(node, []), default=position[node])
         if node in backward_outputs or _is_temporary(node, position, num_forward):
-            _add(base, position[node], last, allocated_bytes(node))
+            _add(base, position[allocated_by(node)], last, allocated_bytes(node))
     for tangent in joint.tangents:
         _add(base, num_forward, max(uses.backward.get(tangent, []), default=num_forward), value_bytes(tangent.meta.get("val")))
 

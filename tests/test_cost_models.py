@@ -230,3 +230,26 @@ def test_measured_model_gives_index_ops_in_range_indices(tmp_path):
     model = MeasuredCostModel(local_cpu_profile(), cache_path=str(tmp_path / "cache.json"), repeats=1)
     model.node_cost(node)
     assert len(json.loads((tmp_path / "cache.json").read_text())["ms_by_key"]) == 1
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_multi_output_extern_op_allocates_every_output_while_its_inputs_live():
+    """topk is no pointwise op: its outputs are its own allocations even when only
+    pointwise ops read them, and they exist before its input is freed (flash
+    attention's backward is the same shape, and missing it hid 2.4 MB on a ViT)."""
+    from graphopt.cost_models.memory import graph_timeline
+
+    def function(x):
+        doubled = x * 2
+        values, indices = torch.topk(doubled, 32)
+        return values + 1, indices
+
+    graph_module = trace(function, torch.randn(1024, 64))
+    doubled, values, indices = 1024 * 64 * FLOAT32_BYTES, 1024 * 32 * FLOAT32_BYTES, 1024 * 32 * 8
+    timeline = graph_timeline(graph_module)
+    assert max(timeline) == doubled + values + indices
+    topk_step = [node.target for node in graph_module.graph.nodes].index(torch.ops.aten.topk.default)
+    assert timeline[topk_step] == doubled + values + indices
+    assert timeline[-1] == indices + values  # doubled and values freed; values + 1 out

@@ -60,6 +60,14 @@ def allocated_bytes(node: fx.Node) -> int:
     return value_bytes(value)
 
 
+def allocated_by(node: fx.Node) -> fx.Node:
+    """The node whose step allocates `node`'s buffer: a multi-output op allocates every
+    output when it runs, its inputs still alive; anything else allocates its own."""
+    if is_getitem(node) and not _aliases_input(node) and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return node
+
+
 def storage_owner(node: fx.Node) -> fx.Node:
     """The node whose allocation a view (chain) aliases; the node itself otherwise."""
     while _aliases_input(node) and node.args and isinstance(node.args[0], fx.Node):
@@ -78,20 +86,30 @@ def is_materialized(node: fx.Node, users: list[fx.Node] | tuple[fx.Node, ...]) -
     Pointwise chains fuse: a pointwise node read only by pointwise nodes (`users`, from
     the same graph) is computed inside its consumers' kernel and never stored. A view
     has no kernel to fuse into: its readers are what reads the value (a GELU read
-    through a ``view`` by a matmul is stored).
+    through a ``view`` by a matmul is stored). An output picked from a multi-output op
+    is stored when that op is (flash attention's gradients are the extern kernel's
+    allocations, whatever reads them).
     """
     if allocated_bytes(node) == 0:
         return False
-    if not users or not torch_private.is_fusible(node):
+    if not users or not _fusible(node):
         return True
     return not all(_fuses(user) for user in users)
+
+
+def _fusible(node: fx.Node) -> bool:
+    """Whether Inductor can compute the node's value inside another kernel. torch's op
+    list calls every ``getitem`` fusible; the op it picks from decides."""
+    if is_getitem(node) and isinstance(node.args[0], fx.Node):
+        return torch_private.is_fusible(node.args[0])
+    return torch_private.is_fusible(node)
 
 
 def _fuses(reader: fx.Node) -> bool:
     """Whether `reader` computes the value it reads inside its own kernel."""
     if _aliases_input(reader):
         return all(_fuses(user) for user in reader.users)
-    return torch_private.is_fusible(reader)
+    return _fusible(reader)
 
 
 def storage_owners(
@@ -132,16 +150,22 @@ def graph_timeline(graph_module: fx.GraphModule, input_storage: dict[str, object
         for source in node.all_input_nodes:
             key = owner(source)
             last_read[key] = max(last_read.get(key, -1), reach)
+    allocs: dict[int, int] = {}
     frees: dict[int, int] = {}
-    live, timeline = 0, []
     for node in nodes:
         size = _buffer_bytes(node, representative, input_storage)
-        live += size
-        timeline.append(live)
-        dies = last_read.get(node, step[node])
-        if size and dies < len(nodes):
+        if not size:
+            continue
+        born = step[allocated_by(node)]
+        allocs[born] = allocs.get(born, 0) + size
+        dies = max(last_read.get(node, step[node]), born)
+        if dies < len(nodes):
             frees[dies] = frees.get(dies, 0) + size
-        live -= frees.pop(step[node], 0)
+    live, timeline = 0, []
+    for index in range(len(nodes)):
+        live += allocs.get(index, 0)
+        timeline.append(live)
+        live -= frees.get(index, 0)
     return timeline
 
 
