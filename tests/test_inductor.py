@@ -202,7 +202,9 @@ def test_wide_mlp_predicted_peak_is_within_10_percent_of_the_measured():
 
 
 # A recompute-heavy plan on a small ViT (the suite's, docs/benchmarks.md) at a budget
-# just above its least: the measured peak is a few MB above the simulation's.
+# just above its least. It measured 39.6 MB against a 35.9 MB simulation while flash
+# attention's gradients were counted as fused away and Inductor's buffer reuse, blind
+# with its peak-memory reordering off, held dead MLP buffers across the backward.
 _VIT_SCRIPT = textwrap.dedent(
     """
     import json
@@ -228,19 +230,10 @@ _VIT_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "graphopt bug: on this ViT at 38 MB the plan simulates at 35.9 MB and measures 39.6 MB. The forward "
-        "measures as simulated (32.7 vs 32.1 MB with parameters); the backward starts from 23.3 MB of saved "
-        "tensors and peaks 3.2 MB (one MLP-sized buffer) above the simulation, whose own peak matches the "
-        "generated backward code's allocations (27.1 vs 27.0 MB): the saved tensors are counted short, cause "
-        "not found yet"
-    ),
-)
 def test_vit_at_a_tight_budget_stays_under_it():
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", _VIT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["measured"] <= 38_000_000, figures
+    assert abs(figures["predicted"] - figures["measured"]) <= 0.10 * figures["measured"], figures
