@@ -9,6 +9,7 @@ without code generation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 import re
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from torch._functorch import config as _functorch_config
 from torch._functorch import partitioners as _partitioners
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.compile_utils import fx_graph_cse
-from torch._inductor.custom_graph_pass import CustomPartitionerFn, CustomSchedulerPass
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch._inductor.decomposition import select_decomp_table
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import traceback as fx_traceback
@@ -471,35 +472,43 @@ def _compile_graph_as_planned(graph_module: fx.GraphModule, example_inputs: Sequ
     return compile_fx_inner(graph_module, example_inputs, **kwargs)
 
 
-class _SizeBuffersForReuse(CustomSchedulerPass):
-    """Gives Inductor's buffer-reuse guard the buffer sizes it reads.
+def _buffer_reuse_guard(inductor_config: Any) -> dict[str, Any]:
+    """Settings that keep Inductor's buffer reuse within its peak estimate when its
+    peak-memory reordering is off: the sizing pass, or no buffer reuse at all where the
+    user runs a post-fusion pass of their own or this torch lacks the hooks."""
+    sizing = _sizing_pass()
+    if sizing is not None and getattr(inductor_config, "_post_fusion_custom_pass", False) is None:
+        return {"_post_fusion_custom_pass": sizing}
+    return {"allow_buffer_reuse": False}
+
+
+@functools.cache
+def _sizing_pass() -> Any:
+    """A post-fusion scheduler pass that gives Inductor's buffer-reuse guard the buffer
+    sizes it reads; None where this torch has no such hooks.
 
     Inductor hands a dead buffer to a later one of the same size only if holding it in
     between keeps its estimated peak (``EfficientPeakEstimate``). Those estimates read the
     memory-planning info that ``reorder_for_peak_memory`` assigns; with that pass off every
     size reads 0, the guard lets every reuse through, and dead buffers are held across the
-    graph (3.2 MB, 9% of the step, on a ViT backward). The scheduler calls this right
-    after fusion; the order is unchanged.
+    graph (3.2 MB, 9% of the step, on a ViT backward). The order is unchanged.
     """
-
-    def __call__(self, nodes: list[Any]) -> list[Any]:
+    try:
+        from torch._inductor.custom_graph_pass import CustomSchedulerPass
         from torch._inductor.memory import assign_memory_planning_info_for_scheduler_buffers
-        from torch._inductor.virtualized import V
+    except ImportError:
+        return None
+    from torch._inductor.virtualized import V
 
-        assign_memory_planning_info_for_scheduler_buffers(nodes, V.graph.scheduler.name_to_buf)
-        return nodes
+    class SizeBuffersForReuse(CustomSchedulerPass):
+        def __call__(self, nodes: list[Any]) -> list[Any]:
+            assign_memory_planning_info_for_scheduler_buffers(nodes, V.graph.scheduler.name_to_buf)
+            return nodes
 
-    def uuid(self) -> str:
-        return "graphopt-size-buffers-for-reuse-1"
+        def uuid(self) -> str:  # Inductor's FX-graph cache key
+            return "graphopt-size-buffers-for-reuse-1"
 
-
-def _buffer_reuse_guard(inductor_config: Any) -> dict[str, Any]:
-    """Settings that keep Inductor's buffer reuse within its peak estimate when its
-    peak-memory reordering is off: the sizing pass, or, where the user already runs a
-    post-fusion pass of their own, no buffer reuse at all."""
-    if getattr(inductor_config, "_post_fusion_custom_pass", None) is None:
-        return {"_post_fusion_custom_pass": _SizeBuffersForReuse()}
-    return {"allow_buffer_reuse": False}
+    return SizeBuffersForReuse()
 
 
 # ----------------------------------------------------------------------------- parameter names (sparse backward)

@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 from torch import nn
+from torch._inductor.custom_graph_pass import CustomSchedulerPass
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import graphopt
@@ -267,3 +268,22 @@ def test_inductor_keeps_graphopt_order_and_gradients_match_eager():
     assert_grads_equal(reference, model, rtol=1e-4, atol=1e-5)
     backward = graphopt.plans(compiled)[0].reordering[1]
     assert backward.method != ORIGINAL and not backward.inductor_reorder
+
+
+def test_kept_order_still_gives_inductors_buffer_reuse_its_sizes():
+    """With its reordering off, Inductor's buffer-reuse guard reads sizes nobody
+    assigned (all 0) and lets every reuse through; graphopt assigns them after fusion,
+    or turns reuse off where the user's own post-fusion pass is in the way."""
+    from torch._inductor import config as inductor_config
+
+    from graphopt import torch_private
+
+    settings = torch_private._buffer_reuse_guard(inductor_config)
+    assert isinstance(settings["_post_fusion_custom_pass"], CustomSchedulerPass)
+    assert settings["_post_fusion_custom_pass"].uuid()  # a cacheable pass: no FX-cache bypass
+
+    def users_pass(nodes):
+        return nodes
+
+    with inductor_config.patch(_post_fusion_custom_pass=users_pass):
+        assert torch_private._buffer_reuse_guard(inductor_config) == {"allow_buffer_reuse": False}
