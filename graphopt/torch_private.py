@@ -222,13 +222,35 @@ def is_fusible(node: fx.Node) -> bool:
 
 
 def is_random(node: fx.Node) -> bool:
+    """Whether the node draws random numbers, so a recomputation would draw others.
+
+    Attention ops carry the ``nondeterministic_seeded`` tag for their dropout; with
+    ``dropout_p`` 0 they draw nothing and recompute exactly (torch's checkpointing reruns
+    them too).
+    """
     if node.op != "call_function":
         return False
     target = node.target
     packet = getattr(target, "overloadpacket", None)
     if packet in _RANDOM_TARGETS:
         return True
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+    if not isinstance(target, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded not in target.tags:
+        return False
+    return _argument(node, "dropout_p", default=None) != 0
+
+
+def _argument(node: fx.Node, name: str, *, default: Any) -> Any:
+    """The value `node` passes for its op's argument `name` (the schema's default when
+    it passes none), or `default` where the op has no such argument."""
+    for position, argument in enumerate(node.target._schema.arguments):
+        if argument.name != name:
+            continue
+        if name in node.kwargs:
+            return node.kwargs[name]
+        if position < len(node.args) and not argument.kwarg_only:
+            return node.args[position]
+        return argument.default_value if argument.has_default_value() else default
+    return default
 
 
 def must_stay_in_forward(node: fx.Node) -> bool:
@@ -437,7 +459,7 @@ def keeps_relative_order(node: fx.Node) -> bool:
     """Side effects, mutations and random draws: run in their original relative order."""
     if node.op != "call_function":
         return False
-    return is_random(node) or node.is_impure(impure_random=True)
+    return is_random(node) or node.is_impure(impure_random=False)
 
 
 def is_order_barrier(node: fx.Node) -> bool:

@@ -329,6 +329,24 @@ def test_dropout_backward_uses_the_forward_mask_under_a_tight_budget():
     assert_grads_equal(model, tight_model)
 
 
+@pytest.mark.parametrize(("dropout_p", "random"), [(0.0, False), (0.25, True)])
+def test_attention_is_random_only_with_dropout(dropout_p, random):
+    """torch tags the attention ops nondeterministic_seeded for their dropout. Without
+    dropout they draw nothing: the program may recompute them (torch's checkpointing
+    reruns them too); with it the backward must see the forward's draws."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from graphopt import torch_private
+
+    def attention(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, dropout_p)[0]
+
+    graph_module = make_fx(attention, tracing_mode="fake")(torch.randn(2, 2, 8, 4))
+    (node,) = [n for n in graph_module.graph.nodes if "attention" in str(n.target)]
+    assert torch.Tag.nondeterministic_seeded in node.target.tags
+    assert torch_private.is_random(node) is random
+
+
 # ----------------------------------------------------------------------------- infeasible budgets
 
 
