@@ -150,13 +150,19 @@ def graph_timeline(graph_module: fx.GraphModule, input_storage: dict[str, object
         for source in node.all_input_nodes:
             key = owner(source)
             last_read[key] = max(last_read.get(key, -1), reach)
+    sizes = {node: _buffer_bytes(node, representative, input_storage) for node in nodes}
+    born_at: dict[fx.Node, int] = {}
     allocs: dict[int, int] = {}
     frees: dict[int, int] = {}
     for node in nodes:
-        size = _buffer_bytes(node, representative, input_storage)
+        size = sizes[node]
         if not size:
             continue
         born = step[allocated_by(node)]
+        producer = _fused_producer(node, owner, sizes, step)
+        if producer is not None:
+            born = min(born, born_at[producer])
+        born_at[node] = born
         allocs[born] = allocs.get(born, 0) + size
         dies = max(last_read.get(node, step[node]), born)
         if dies < len(nodes):
@@ -167,6 +173,29 @@ def graph_timeline(graph_module: fx.GraphModule, input_storage: dict[str, object
         timeline.append(live)
         live -= frees.get(index, 0)
     return timeline
+
+
+def _fused_producer(
+    node: fx.Node, owner: Callable[[fx.Node], fx.Node], sizes: dict[fx.Node, int], step: dict[fx.Node, int]
+) -> fx.Node | None:
+    """The stored buffer whose kernel a stored pointwise node joins, if any.
+
+    Inductor fuses a pointwise node into the kernel of a generated (not extern)
+    producer it reads, even when both values are stored: one kernel then writes both,
+    so both exist at once, beside the producer's inputs (the stack of attention's q, k,
+    v gradients and its transposed copy). The latest such producer is taken.
+    """
+    if node.op != "call_function" or is_getitem(node) or not torch_private.is_fusible(node):
+        return None
+    producers = [
+        buffer
+        for buffer in (owner(source) for source in node.all_input_nodes)
+        if sizes.get(buffer)
+        and buffer.op == "call_function"
+        and not is_getitem(buffer)
+        and not torch_private.is_compute_intensive(buffer)
+    ]
+    return max(producers, key=step.__getitem__, default=None)
 
 
 # Marks a node whose value lives in host memory, not the device's (an offloaded copy
