@@ -132,10 +132,12 @@ def storage_owners(
 
 
 def graph_timeline(graph_module: fx.GraphModule, input_storage: dict[str, object] | None = None) -> list[int]:
-    """Bytes in use after each node of one compiled graph, as Inductor frees them.
+    """Bytes in use after each node of one compiled graph, as Inductor allocates and frees them.
 
-    Every buffer is freed after its last reader (a view's readers keep what it views
-    alive); outputs live on. `input_storage` names the inputs the graph owns (the
+    A buffer is allocated by the node that writes it: a multi-output op writes all its
+    outputs (``allocated_by``), a producer's kernel writes a stored pointwise node fused
+    into it (``_fused_producer``). Every buffer is freed after its last reader (a view's
+    readers keep what it views alive); outputs live on. `input_storage` names the inputs the graph owns (the
     backward owns its saved tensors), mapped to a storage key: inputs sharing a key are
     one allocation. Other inputs (parameters) are someone else's memory and not counted.
     """
