@@ -40,6 +40,11 @@ SCHEMA = "graphopt.plan/1"
 ACTIONS = ("keep", "recompute", "offload", "quantize", "offload-quantized")
 
 
+def width_label(bits: int | str) -> str:
+    """A quantized width as printed: ``int8`` for a bit count, a format by its name (``fp8``)."""
+    return f"int{bits}" if isinstance(bits, int) else bits
+
+
 @dataclasses.dataclass(frozen=True)
 class Decision:
     node: str  # FX node name in the joint graph
@@ -61,10 +66,7 @@ class Decision:
     @property
     def label(self) -> str:
         """The action as printed: ``quantize:int8``, ``quantize:fp8``, ``offload``."""
-        if self.bits is None:
-            return self.action
-        width = f"int{self.bits}" if isinstance(self.bits, int) else self.bits
-        return f"{self.action}:{width}"
+        return self.action if self.bits is None else f"{self.action}:{width_label(self.bits)}"
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

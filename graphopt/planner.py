@@ -30,7 +30,7 @@ from .passes.reorder import reorder_graph
 from .passes.lower_saves import lower_saves
 from .passes.offload import hoist_prefetches
 from .passes.prune_frozen import prune_frozen
-from .plan import Decision, GraphReordering, Plan
+from .plan import Decision, GraphReordering, Plan, width_label
 from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, action_error, action_ms, memory_timeline, parse_action
 from .solver import least_peak, solve
 from .trainable import GraphTrainable
@@ -595,7 +595,7 @@ def _alternative_reason(node: fx.Node, candidate, action: str) -> str:
     else:
         why = f"{format_bytes(held)} held instead of {format_bytes(candidate.size_bytes)} until the backward needs it"
     error = f", expected relative squared error {alternative.error:.2g}" if alternative.error else ""
-    width = f" to int{bits}" if isinstance(bits, int) else f" to {bits}" if bits else ""
+    width = f" to {width_label(bits)}" if bits else ""
     return f"{kind}{width}: {why}; adds {alternative.added_ms:.3f} ms{error}"
 
 
