@@ -272,3 +272,23 @@ def test_a_stored_pointwise_node_is_written_by_its_producers_kernel():
     cat_step = [node.target for node in graph_module.graph.nodes].index(torch.ops.aten.cat.default)
     assert timeline[cat_step] == joined + doubled
     assert max(timeline) == joined + doubled
+
+
+def test_a_pointwise_node_does_not_join_a_kernel_that_runs_before_its_other_inputs():
+    """`summed` reads the stored `doubled` and a later matmul's result: no kernel can
+    write it before that matmul ran, so it is not allocated with `doubled`. (Chaining it
+    in anyway put every residual-stream gradient of a GPT's backward at its first
+    layer's step: 34 MB too many on the bench GPT.)"""
+    from graphopt.cost_models.memory import graph_timeline
+
+    def function(x, weight):
+        doubled = x * 2
+        summed = doubled + doubled @ weight
+        return summed @ weight
+
+    graph_module = trace(function, torch.randn(256, 64), torch.randn(64, 64))
+    one = 256 * 64 * FLOAT32_BYTES
+    targets = [node.target for node in graph_module.graph.nodes]
+    timeline = graph_timeline(graph_module)
+    assert timeline[targets.index(torch.ops.aten.mul.Tensor)] == one  # doubled alone
+    assert max(timeline) == 3 * one  # doubled, the first product and summed

@@ -154,17 +154,20 @@ def graph_timeline(graph_module: fx.GraphModule, input_storage: dict[str, object
             last_read[key] = max(last_read.get(key, -1), reach)
     sizes = {node: _buffer_bytes(node, representative, input_storage) for node in nodes}
     born_at: dict[fx.Node, int] = {}
+    ready: dict[fx.Node, int] = {}
     allocs: dict[int, int] = {}
     frees: dict[int, int] = {}
     for node in nodes:
+        ready[node] = _ready_step(node, step, sizes, born_at, ready)
         size = sizes[node]
         if not size:
             continue
         born = step[allocated_by(node)]
         producer = _fused_producer(node, owner, sizes, step)
-        if producer is not None:
+        if producer is not None and _ready_without(node, producer, owner, ready) <= born_at[producer]:
             born = min(born, born_at[producer])
         born_at[node] = born
+        ready[node] = born
         allocs[born] = allocs.get(born, 0) + size
         dies = max(last_read.get(node, step[node]), born)
         if dies < len(nodes):
@@ -177,6 +180,26 @@ def graph_timeline(graph_module: fx.GraphModule, input_storage: dict[str, object
     return timeline
 
 
+def _ready_step(
+    node: fx.Node, step: dict[fx.Node, int], sizes: dict[fx.Node, int], born_at: dict[fx.Node, int], ready: dict[fx.Node, int]
+) -> int:
+    """The earliest step at which a kernel could compute `node`'s value.
+
+    A stored value is ready when its buffer is written, an extern op's when it runs; a
+    value fused away or a view is ready when everything it reads is.
+    """
+    if node.op == "placeholder":
+        return 0
+    if sizes.get(node) or torch_private.is_compute_intensive(node):
+        return born_at.get(node, step[node])
+    return max((ready[source] for source in node.all_input_nodes), default=0)
+
+
+def _ready_without(node: fx.Node, producer: fx.Node, owner: Callable[[fx.Node], fx.Node], ready: dict[fx.Node, int]) -> int:
+    """When all of `node`'s inputs other than `producer`'s buffer are ready."""
+    return max((ready[source] for source in node.all_input_nodes if owner(source) is not producer), default=0)
+
+
 def _fused_producer(
     node: fx.Node, owner: Callable[[fx.Node], fx.Node], sizes: dict[fx.Node, int], step: dict[fx.Node, int]
 ) -> fx.Node | None:
@@ -185,7 +208,9 @@ def _fused_producer(
     Inductor fuses a pointwise node into the kernel of a generated (not extern)
     producer it reads, even when both values are stored: one kernel then writes both,
     so both exist at once, beside the producer's inputs (the stack of attention's q, k,
-    v gradients and its transposed copy). The latest such producer is taken.
+    v gradients and its transposed copy). The latest such producer is taken; the caller
+    fuses only if the node's other inputs are ready by the time that kernel runs (a
+    residual stream's gradient sums terms made by later matmuls, so it cannot join them).
     """
     if node.op != "call_function" or is_getitem(node) or not torch_private.is_fusible(node):
         return None
