@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import operator
 import re
 from collections.abc import Callable, Sequence
@@ -328,8 +329,9 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], par
 def compile_without_codegen(gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn) -> Callable:
     """AOTAutograd with our cut and no code generation: the FX graphs run as Python.
 
-    Fast to compile, for tests and planning; memory is not freed early, so measure
-    memory only with Inductor.
+    The joint graph is the one Inductor partitions (its joint-graph passes run first),
+    so plans are Inductor's. Fast to compile, for tests and planning; memory is not
+    freed early, so measure memory only with Inductor.
     """
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -337,10 +339,19 @@ def compile_without_codegen(gm: fx.GraphModule, example_inputs: Sequence[Any], p
     def run_graph(graph_module: fx.GraphModule, _inputs: Sequence[Any]) -> Callable:
         return make_boxed_func(graph_module.forward)
 
+    def partition_as_inductor(joint: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
+        # The graph Inductor would partition, so that plans match; random ops stay
+        # aten's (Inductor's own would draw other numbers than eager PyTorch).
+        from torch._inductor import config as inductor_config
+
+        with inductor_config.patch(fallback_random=True):
+            joint = _inductor_joint_passes(joint, joint_inputs)
+        return partition_fn(joint, joint_inputs, **kwargs)
+
     backend = aot_autograd(
         fw_compiler=run_graph,
         bw_compiler=run_graph,
-        partition_fn=partition_fn,
+        partition_fn=partition_as_inductor,
         # Inductor's table, not core ATen's: core ATen decomposes CPU flash attention's
         # forward into math whose outputs its fused backward misreads.
         decompositions=select_decomp_table(),
@@ -395,7 +406,7 @@ def trace_joint(
     """
 
     def partition_fn(joint: fx.GraphModule, joint_inputs: Sequence[Any], *, num_fwd_outputs: int, **_: Any):
-        on_joint(joint, joint_inputs, num_fwd_outputs)
+        on_joint(_inductor_joint_passes(joint, joint_inputs), joint_inputs, num_fwd_outputs)
         raise _JointTraced
 
     def inference_only(graph_module: fx.GraphModule, _inputs: Sequence[Any]) -> Callable:
@@ -417,6 +428,28 @@ def trace_joint(
     except _NoBackward:
         return False
     raise AssertionError("AOTAutograd returned without partitioning or compiling")
+
+
+def _inductor_joint_passes(joint: fx.GraphModule, joint_inputs: Sequence[Any]) -> fx.GraphModule:
+    """The joint graph after Inductor's joint-graph passes, which ``torch.compile`` runs
+    before any partitioner (``compile_fx.partition_fn``), custom ones included.
+
+    They rewrite what the partitioner sees (a log-softmax saves its output rather than
+    the logits and their max); skipping them, offline plans of the bench GPT predicted
+    396 MB for a min-cut step that compiles to 331 MB.
+    """
+    from torch._inductor import compile_fx as inductor_compile_fx
+
+    passes = getattr(inductor_compile_fx, "_recursive_joint_graph_passes", None)
+    if passes is None:
+        return joint
+    accepted = inspect.signature(passes).parameters
+    options: dict[str, Any] = {}
+    if "skip_invoke_subgraph" in accepted:
+        options["skip_invoke_subgraph"] = True
+    if "input_device" in accepted:
+        options["input_device"] = next((t.device for t in tree_iter(joint_inputs) if isinstance(t, torch.Tensor)), None)
+    return passes(joint, **options)
 
 
 class UserCodeMode(TorchFunctionMode):
