@@ -310,15 +310,21 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
     the simulation of the real split graphs is the judge. Each round shifts the
     program's budget by the simulation's distance from the usable budget: down when a
     plan overshoots, up when it leaves more than `SNUG_FRACTION` unused (a looser plan
-    recomputes less). The fastest plan that fits wins. `default_peak` is torch's
-    min-cut peak, the first point of reference.
+    recomputes less); once one target fits and another overshoots, a shift that leaves
+    the interval between them bisects it. The fastest plan that fits wins.
+    `default_peak` is torch's min-cut peak, the first point of reference.
     """
     problem = analysis.problem
     budget = _usable(options)
     target, least, best = budget, default_peak, None
+    fits, overshoots = None, None  # the highest target whose plan fit, the lowest whose did not
+    tried, floor_tried = {budget}, False
     for _ in range(MAX_REPAIR_ROUNDS):
         solution = solve(dataclasses.replace(problem, budget_bytes=target), time_limit_s=options.solver_time_limit_s)
         if solution is None:  # below the model's least peak, which is conservative: try that plan
+            if floor_tried:
+                break  # lower targets all give that plan again
+            floor_tried = True
             solution = least_peak(problem, time_limit_s=options.solver_time_limit_s)
         forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution, options)
         least = min(least, predicted_peak)
@@ -327,9 +333,17 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
                 best = (solution, forward, backward, predicted_peak)
             if budget - predicted_peak <= SNUG_FRACTION * budget:
                 break
+            fits = target if fits is None else max(fits, target)
+        else:
+            overshoots = target if overshoots is None else min(overshoots, target)
         shifted = min(target, solution.peak_bytes) + (budget - predicted_peak)
-        if shifted == target:
-            break
+        if fits is not None and overshoots is not None and (shifted in tried or not fits < shifted < overshoots):
+            # The program's error jumps between these targets (plans differ in kind, not
+            # degree): halve the interval instead.
+            shifted = (fits + overshoots) // 2
+        if shifted in tried:
+            break  # a target already planned: the rounds would cycle
+        tried.add(shifted)
         target = shifted
         log.info("simulated peak %s for a usable %s; replanning for %s", format_bytes(predicted_peak), format_bytes(budget), format_bytes(target))
     if best is not None:
