@@ -26,11 +26,12 @@ class Options:
     cost_model: str = "roofline"  # "measured": time each op on the local device (cached)
     verbose: bool = False
     model_static_bytes: int = 0  # parameters and buffers of the whole model, when known
-    # Share of the budget a plan's simulated peak must leave free. Inductor's fused
-    # kernels allocate several outputs at once, which the FX-order simulation misses:
-    # measured 4.6-6.4% above it on the bench GPT. Without code generation the
-    # simulation is the whole model, so no headroom.
-    prediction_headroom: float = 0.05
+    # Share of the budget a plan's simulated peak must leave free. The simulation does
+    # not model Inductor holding a dead buffer for a later one of its size (its reuse
+    # guard judges that on its own estimate): a recompute-heavy GPT plan measured 6.2%
+    # above the simulation. Without code generation the simulation is the whole model,
+    # so no headroom.
+    prediction_headroom: float = 0.07
     # Lossy saving (docs/offload_quantize.md): the quantized widths the program may
     # choose. () keeps every result exact (the default); allow_lossy=True gives (8, 4, 2),
     # and "fp8" too where the hardware has fp8 units; quantize_bits=b gives (b,).
@@ -89,7 +90,7 @@ _ACCEPTED = (
     "optimizer",
     "plan",
 )
-_DEFAULT_HEADROOM = {"inductor": 0.05, "eager": 0.0}
+_DEFAULT_HEADROOM = {"inductor": 0.07, "eager": 0.0}
 
 
 def make_options(settings: dict[str, Any] | None = None, **overrides: Any) -> Options:

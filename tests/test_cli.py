@@ -210,13 +210,13 @@ def test_one_trace_plans_every_budget_like_separate_calls():
 
 def test_offline_plan_equals_the_plan_graphopt_compile_makes():
     """Tracing without Dynamo gives the joint graph Dynamo + AOTAutograd give: same nodes,
-    module paths and source lines, so the same plan (Inductor's 5% headroom on both).
+    module paths and source lines, so the same plan (Inductor's 7% headroom on both).
     Only the order of a few leading nodes differs, which moves the program's timeline."""
     from graphopt.backend import session_for_options
 
     model, inputs = _tiny_gpt("cpu")
     offline = _outcome(model, inputs, "290KB")
-    settings = {"compiler": "eager", "prediction_headroom": 0.05, "memory_budget": "290KB", "hardware": "cpu"}
+    settings = {"compiler": "eager", "prediction_headroom": 0.07, "memory_budget": "290KB", "hardware": "cpu"}
     compiled = torch.compile(model, backend="graphopt", options=settings)
     compiled(*inputs).backward()
     untimed = [dataclasses.replace(plan, timeline_bytes=()) for plan in _comparable(session_for_options(settings).plans)]
