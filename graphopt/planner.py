@@ -540,7 +540,9 @@ def build_plan(
     problem = analysis.problem
     decisions = []
     keys = decision_keys(analysis.candidate_nodes)
-    for node, key, candidate, action in zip(analysis.candidate_nodes, keys, problem.candidates, solution.actions):
+    for index, (node, key, candidate, action) in enumerate(
+        zip(analysis.candidate_nodes, keys, problem.candidates, solution.actions)
+    ):
         if action == DROP or candidate.size_bytes == 0:
             continue
         decisions.append(
@@ -553,7 +555,7 @@ def build_plan(
                 error=action_error(candidate, action),
                 bytes=candidate.size_bytes,
                 added_ms=action_ms(candidate, action),
-                reason=_reason(node, candidate, action, problem, solution.method),
+                reason=_reason(node, candidate, _redo_ms(problem, index), action, problem, solution.method),
                 source=source_line(node),
             )
         )
@@ -574,7 +576,22 @@ def build_plan(
     )
 
 
-def _reason(node: fx.Node, candidate, action: str, problem: Problem, method: str) -> str:
+def _redo_ms(problem: Problem, index: int) -> float:
+    """Time to redo candidate `index` in the backward: its own op and the storage-less
+    ones it reads (a tuple-returning op such as attention, whose outputs' getitems cost
+    nothing themselves), which must be redone with it."""
+    seen, pending, total = {index}, [index], 0.0
+    while pending:
+        candidate = problem.candidates[pending.pop()]
+        total += candidate.recompute_ms
+        for source in candidate.inputs:
+            if source not in seen and problem.candidates[source].size_bytes == 0:
+                seen.add(source)
+                pending.append(source)
+    return total
+
+
+def _reason(node: fx.Node, candidate, redo_ms: float, action: str, problem: Problem, method: str) -> str:
     if method == "torch-min-cut":
         return f"{'kept' if action == KEEP else 'recomputed'} by torch's min-cut, which fits the budget"
     if method == "given plan":
@@ -587,12 +604,12 @@ def _reason(node: fx.Node, candidate, action: str, problem: Problem, method: str
             return "kept: the user's checkpoint policy says MUST_SAVE"
         if not candidate.can_recompute:
             return "kept: cannot be recomputed (must stay in the forward)"
-        return f"kept: recomputing would add {candidate.recompute_ms:.3f} ms and the budget has room"
+        return f"kept: recomputing would add {redo_ms:.3f} ms and the budget has room"
     if action not in (RECOMPUTE, DROP):
         return _alternative_reason(node, candidate, action)
     span = candidate.backward_last_use - candidate.free_at
     return (
-        f"recompute: {candidate.recompute_ms:.3f} ms to redo, frees {format_bytes(candidate.size_bytes)} "
+        f"recompute: {redo_ms:.3f} ms to redo, frees {format_bytes(candidate.size_bytes)} "
         f"for {span} of {problem.num_steps} steps"
     )
 

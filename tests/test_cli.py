@@ -266,3 +266,16 @@ def test_trainable_spec_is_read_as_compile_takes_it(text, spec):
     from graphopt.cli import parse_trainable_spec
 
     assert parse_trainable_spec(text) == spec
+
+
+def test_an_attention_output_is_priced_with_the_attention_that_makes_it():
+    """The output's own node is a free ``getitem`` of the attention op's tuple; redoing it
+    means redoing the attention, and the plan's reason says what that costs."""
+    import re
+
+    model, inputs = _tiny_gpt("meta")
+    (plan,) = plan_model(model, inputs, memory_budget="290KB", hardware="cpu")
+    outputs = [d for d in plan.decisions if d.tensor.endswith("attention: getitem") and d.action in ("keep", "recompute")]
+    assert outputs
+    for decision in outputs:
+        assert float(re.search(r"(\d+\.\d+) ms", decision.reason).group(1)) > 0, decision.reason
