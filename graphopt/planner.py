@@ -31,7 +31,7 @@ from .passes.lower_saves import lower_saves
 from .passes.offload import hoist_prefetches
 from .passes.prune_frozen import prune_frozen
 from .plan import Decision, GraphReordering, Plan, width_label
-from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, action_error, action_ms, memory_timeline, parse_action
+from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, action_error, action_ms, memory_timeline, parse_action, redo_ms
 from .solver import least_peak, solve
 from .trainable import GraphTrainable
 
@@ -555,7 +555,7 @@ def build_plan(
                 error=action_error(candidate, action),
                 bytes=candidate.size_bytes,
                 added_ms=action_ms(candidate, action),
-                reason=_reason(node, candidate, _redo_ms(problem, index), action, problem, solution.method),
+                reason=_reason(node, candidate, redo_ms(problem, index), action, problem, solution.method),
                 source=source_line(node),
             )
         )
@@ -574,21 +574,6 @@ def build_plan(
         num_forward_steps=len(forward.graph.nodes),
         reordering=reordering,
     )
-
-
-def _redo_ms(problem: Problem, index: int) -> float:
-    """Time to redo candidate `index` in the backward: its own op and the storage-less
-    ones it reads (a tuple-returning op such as attention, whose outputs' getitems cost
-    nothing themselves), which must be redone with it."""
-    seen, pending, total = {index}, [index], 0.0
-    while pending:
-        candidate = problem.candidates[pending.pop()]
-        total += candidate.recompute_ms
-        for source in candidate.inputs:
-            if source not in seen and problem.candidates[source].size_bytes == 0:
-                seen.add(source)
-                pending.append(source)
-    return total
 
 
 def _reason(node: fx.Node, candidate, redo_ms: float, action: str, problem: Problem, method: str) -> str:

@@ -133,6 +133,21 @@ def storage_holder(problem: Problem, index: int) -> int:
     return index if owner is None else owner
 
 
+def redo_ms(problem: Problem, index: int) -> float:
+    """Time to redo candidate `index` in the backward: its own op and the storage-less
+    ones it reads (a tuple-returning op such as attention, whose outputs' getitems cost
+    nothing themselves), which must be redone with it."""
+    seen, pending, total = {index}, [index], 0.0
+    while pending:
+        candidate = problem.candidates[pending.pop()]
+        total += candidate.recompute_ms
+        for source in candidate.inputs:
+            if source not in seen and problem.candidates[source].size_bytes == 0:
+                seen.add(source)
+                pending.append(source)
+    return total
+
+
 def memory_deltas(problem: Problem, actions: Sequence[str]) -> list[int]:
     """Change of decision-dependent memory at each step (index num_steps = past the end)."""
     delta = [0] * (problem.num_steps + 1)

@@ -158,9 +158,9 @@ def graph_timeline(graph_module: fx.GraphModule, input_storage: dict[str, object
     allocs: dict[int, int] = {}
     frees: dict[int, int] = {}
     for node in nodes:
-        ready[node] = _ready_step(node, step, sizes, born_at, ready)
         size = sizes[node]
         if not size:
+            ready[node] = _ready_step(node, step, ready)
             continue
         born = step[allocated_by(node)]
         producer = _fused_producer(node, owner, sizes, step)
@@ -180,18 +180,17 @@ def graph_timeline(graph_module: fx.GraphModule, input_storage: dict[str, object
     return timeline
 
 
-def _ready_step(
-    node: fx.Node, step: dict[fx.Node, int], sizes: dict[fx.Node, int], born_at: dict[fx.Node, int], ready: dict[fx.Node, int]
-) -> int:
-    """The earliest step at which a kernel could compute `node`'s value.
+def _ready_step(node: fx.Node, step: dict[fx.Node, int], ready: dict[fx.Node, int]) -> int:
+    """The earliest step at which a kernel could compute `node`, which has no buffer of
+    its own (a stored value is ready when its buffer is written: ``born_at``).
 
-    A stored value is ready when its buffer is written, an extern op's when it runs; a
-    value fused away or a view is ready when everything it reads is.
+    An extern op is ready when it runs; a value fused away or a view is ready when
+    everything it reads is.
     """
     if node.op == "placeholder":
         return 0
-    if sizes.get(node) or torch_private.is_compute_intensive(node):
-        return born_at.get(node, step[node])
+    if torch_private.is_compute_intensive(node):
+        return step[node]
     return max((ready[source] for source in node.all_input_nodes), default=0)
 
 
