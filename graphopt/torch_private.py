@@ -222,6 +222,30 @@ def is_fusible(node: fx.Node) -> bool:
     return node.op == "call_function" and _OP_TYPES.is_fusible(node)
 
 
+# Extern kernels Inductor calls with an ``out=`` buffer its wrapper allocates (other
+# extern and fallback ops allocate their own outputs).
+_EXTERN_OUT_TARGETS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
+
+
+def wrapper_allocates(node: fx.Node) -> bool:
+    """Whether Inductor's generated wrapper allocates the node's output buffer (so its
+    buffer-reuse pool can hand it a dead buffer): generated kernels and ``out=`` extern
+    calls do; fallback ops, convolutions and the outputs of multi-output ops allocate
+    their own."""
+    if node.op != "call_function" or node.target is operator.getitem:
+        return False
+    if is_compute_intensive(node):
+        return getattr(node.target, "overloadpacket", None) in _EXTERN_OUT_TARGETS
+    return True
+
+
+def inductor_estimates_input(name: str) -> bool:
+    """Whether Inductor's peak-memory estimate (``memory.get_freeable_input_buf``) counts a
+    graph input of this placeholder name: it leaves out parameters, tangents and RNG
+    state (``utils.is_nonfreeable_buffers``, by name prefix)."""
+    return not name.startswith(("primals_", "arg", "fwd_rng_state", "bwd_rng_state", "tangents"))
+
+
 def is_random(node: fx.Node) -> bool:
     """Whether the node draws random numbers, so a recomputation would draw others.
 

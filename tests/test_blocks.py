@@ -92,7 +92,7 @@ def _tiny(device: str = "cpu", seq: int = 16):
 
 def test_a_saved_plan_is_applied_by_compile_with_eager_gradients(tmp_path):
     model, inputs = _tiny()
-    (saved,) = plan_model(model, inputs, memory_budget="290KB", hardware="cpu")
+    (saved,) = plan_model(model, inputs, memory_budget="300KB", hardware="cpu")
     assert any(d.action == "recompute" for d in saved.decisions)
     path = tmp_path / "plan.json"
     path.write_text(saved.dumps())
@@ -111,7 +111,7 @@ def test_a_saved_plan_is_applied_by_compile_with_eager_gradients(tmp_path):
 
 def test_a_plan_for_other_shapes_is_refused():
     model, inputs = _tiny(seq=16)
-    (saved,) = plan_model(model, inputs, memory_budget="290KB", hardware="cpu")
+    (saved,) = plan_model(model, inputs, memory_budget="300KB", hardware="cpu")
     other, other_inputs = _tiny(seq=8)
     other.blocks = torch.nn.ModuleList(list(other.blocks)[:1])  # one block: keys of blocks.1 are missing
     compiled = graphopt.compile(other, plan=[saved], compiler="eager", hardware="cpu")
