@@ -257,8 +257,9 @@ def _inplace_writes(
     (``Scheduler.decide_inplace_update``), each with the buffer it takes.
 
     A generated pointwise kernel takes an input buffer of the same size, dtype and layout
-    that no later kernel reads. Inputs the graph owns (saved tensors, donated to the
-    backward) qualify; parameters are not owned.
+    that no later kernel reads. Of the graph's inputs only those AOTAutograd donates
+    qualify: saved tensors the graph owns, not parameters (not owned) or tangents (owned
+    but never donated; the same names Inductor's estimate leaves out).
     """
     by_node = {buffer.node: buffer for buffer in buffers}
     taken: set[fx.Node] = set()
