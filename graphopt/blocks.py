@@ -139,6 +139,11 @@ class ComposedPlanner:
         self._trace_whole = trace_whole
         self._whole: PlanningStep | None = None
 
+    @property
+    def traced_whole(self) -> bool:
+        """Whether composing gave way to a trace of the whole model (later plans use it)."""
+        return self._whole is not None
+
     def plan(self, options: Options) -> list[Plan]:
         """The whole model's plan for `options` (raises ``BudgetInfeasibleError``).
 

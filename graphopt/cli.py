@@ -318,10 +318,15 @@ def _check_overrides(build: Any, model_file: str, overrides: dict[str, Any]) -> 
 
 def pareto(step: offline.TracedStep, options: Options) -> dict[str, Any]:
     """Without a budget: the baseline, the least reachable budget, and plans between them."""
+    composing = not getattr(step, "traced_whole", True)
     baseline = step.plan(options)
     if not baseline:
         return {"plans": baseline}
     least_budget = least_budget_bytes(step, options)
+    if composing and step.traced_whole:
+        # Finding the least budget traced the whole model, and every plan below comes
+        # from that trace: the baseline must too, or its line and row disagree.
+        baseline = step.plan(options)
     headroom = options.prediction_headroom
     baseline_budget = math.ceil(max(p.predicted_peak_bytes for p in baseline) / (1 - headroom))
     budgets = sorted({_spaced(least_budget, baseline_budget, i) for i in range(PARETO_POINTS)})
