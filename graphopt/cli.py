@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from . import offline
+from .blocks import ComposedPlanner
 from .budget import format_bytes
 from .config import Options, make_options
 from .errors import BudgetInfeasibleError, GraphoptError
@@ -316,9 +317,9 @@ def _check_overrides(build: Any, model_file: str, overrides: dict[str, Any]) -> 
 # ----------------------------------------------------------------------------- planning
 
 
-def pareto(step: offline.TracedStep, options: Options) -> dict[str, Any]:
+def pareto(step: offline.TracedStep | ComposedPlanner, options: Options) -> dict[str, Any]:
     """Without a budget: the baseline, the least reachable budget, and plans between them."""
-    composing = not getattr(step, "traced_whole", True)
+    composing = not step.traced_whole
     baseline = step.plan(options)
     if not baseline:
         return {"plans": baseline}

@@ -26,11 +26,11 @@ class Options:
     cost_model: str = "roofline"  # "measured": time each op on the local device (cached)
     verbose: bool = False
     model_static_bytes: int = 0  # parameters and buffers of the whole model, when known
-    # Share of the budget a plan's simulated peak must leave free. The simulation does
-    # not model Inductor holding a dead buffer for a later one of its size (its reuse
-    # guard judges that on its own estimate): recompute-heavy GPT plans measured 6.2%
-    # and 9.3% above the simulation (docs/design.md). Without code generation the
-    # simulation is the whole model, so no headroom.
+    # Share of the budget a plan's simulated peak must leave free, for what the
+    # simulation still misses of the generated code (docs/design.md, "Not modelled
+    # yet"): measured peaks have run up to 5.5% above it (bench GPT with int8 saving),
+    # 4.7% on a suite GPT plan. Without code generation the simulation is the whole
+    # model, so no headroom.
     prediction_headroom: float = 0.07
     # Lossy saving (docs/offload_quantize.md): the quantized widths the program may
     # choose. () keeps every result exact (the default); allow_lossy=True gives (8, 4, 2),

@@ -106,6 +106,10 @@ class TracedStep:
         self._traced_args = traced_args  # the step's arguments, AOTAutograd's primals in order
         self._input_names = input_names  # the parameter each traced argument is, or None
 
+    # Plans come from this one trace of the model (``blocks.ComposedPlanner`` says
+    # whether composing has given way to a whole trace).
+    traced_whole = True
+
     def plan(self, options: Options) -> list[Plan]:
         """The plans for `options` (raises ``BudgetInfeasibleError`` when nothing fits)."""
         return self.plan_graphs(options)[0]
