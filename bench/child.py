@@ -1,17 +1,29 @@
-"""Run one benchmark configuration in a fresh process and hand back one JSON line.
+"""Run one benchmark configuration in fresh processes and hand back one JSON line.
 
 The parent (``bench.suite``, ``bench.gpt_budget_frontier``) starts ``python -m bench.child
 '<json spec>'`` for every configuration, so compilation caches in memory, allocator state
-and global torch settings never carry from one configuration to the next. On CPU the child
-starts with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc reads it only at start-up) so freed
-tensors leave the process and the resident high-water mark tracks live tensors (see
-``graphopt.measure``).
+and global torch settings never carry from one configuration to the next.
+
+On CPU a configuration runs twice, each time in a fresh process, and the two results are
+merged (``run_measuring``):
+
+- **memory**: started with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc reads it only at
+  start-up) so freed tensors leave the process and the resident high-water mark tracks
+  live tensors (see ``graphopt.measure``). Its peaks, compile time and predictions count.
+- **time**: started with glibc's default allocator, as a user trains. The fixed threshold
+  makes every tensor above 64 KiB a fresh ``mmap``, page-faulted on first touch and
+  unmapped when freed: on the bench GPT (``examples.gpt``) that is ~110,000 page faults
+  per step instead of ~24,000, and ``torch.compile``'s step takes 1069 ms instead of
+  955 ms. Timing there would time the measurement, so step times come from this run.
+
+A child learns which it is from ``GRAPHOPT_BENCH_MEASURES`` (``measures``); without it
+(CUDA, where the caching allocator is unaffected, or a child started by hand) it does both.
 
 One training step is ``module.zero_grad(set_to_none=True); loss = step_fn(*inputs);
 loss.backward()``. The child times the first step (compilation and graphopt's solve
-happen there), runs ``warmup - 1`` more, measures the peak of one step above the memory
-resident before it (parameters, inputs and compiled code are outside it; the step's
-gradients inside), then times ``steps`` steps and reports their median.
+happen there) and runs ``warmup - 1`` more. The memory run then measures the peak of one
+step above the memory resident before it (parameters, inputs and compiled code are outside
+it; the step's gradients inside); the time run times ``steps`` steps and reports their median.
 """
 
 from __future__ import annotations
@@ -26,26 +38,61 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+MEMORY_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+MEASURES_VARIABLE = "GRAPHOPT_BENCH_MEASURES"
 
 
 # ---------------------------------------------------------------- parent side
 
 
 def run_in_child(spec: dict[str, Any], *, timeout_s: float, environment: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run `spec` in a fresh ``python -m bench.child`` process; failures come back as ``{"error": ...}``."""
+    """Measure `spec` in fresh ``python -m bench.child`` processes; failures come back as ``{"error": ...}``."""
     command = [sys.executable, "-m", "bench.child", json.dumps(spec)]
-    env = {**os.environ, **CHILD_ENVIRONMENT, **(environment or {})}
+    runs = ("both",) if spec.get("suite") == "gpu" else ("memory", "time")
+    return run_measuring(command, label=spec, timeout_s=timeout_s, environment=environment, runs=runs)
+
+
+def run_measuring(
+    command: list[str],
+    *,
+    label: dict[str, Any],
+    timeout_s: float,
+    environment: dict[str, str] | None = None,
+    runs: tuple[str, ...] = ("memory", "time"),
+) -> dict[str, Any]:
+    """Run `command`, a child that prints its result as a JSON line, once per entry of
+    `runs`: ``"memory"``, ``"time"`` (see the module's docstring) or ``"both"`` in one
+    process (CUDA). The results are merged, an earlier run's value winning where two
+    report one. Failures come back as data, labelled with `label`."""
+    merged: dict[str, Any] = {}
+    for run in runs:
+        result = _run_child(command, label, timeout_s, _environment(run, environment))
+        if "error" in result:
+            return {**merged, **result, "error": f"{run} run: {result['error']}"} if merged else result
+        merged = {**result, **merged}
+    return merged
+
+
+def _environment(run: str, extra: dict[str, str] | None) -> dict[str, str]:
+    environment = {name: value for name, value in os.environ.items() if name not in (*MEMORY_ENVIRONMENT, MEASURES_VARIABLE)}
+    if run in ("memory", "both"):
+        environment.update(MEMORY_ENVIRONMENT)
+    if run != "both":
+        environment[MEASURES_VARIABLE] = run
+    return {**environment, **(extra or {})}
+
+
+def _run_child(command: list[str], label: dict[str, Any], timeout_s: float, environment: dict[str, str]) -> dict[str, Any]:
     try:
         completed = subprocess.run(
-            command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+            command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=timeout_s, check=False
         )
     except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timed out after {timeout_s:.0f} s"}
+        return {**label, "error": f"timed out after {timeout_s:.0f} s"}
     json_lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode != 0 or not json_lines:
         tail = " | ".join(completed.stderr.strip().splitlines()[-5:])
-        return {**spec, "error": f"exit {completed.returncode}: {tail}"}
+        return {**label, "error": f"exit {completed.returncode}: {tail}"}
     return json.loads(json_lines[-1])
 
 
@@ -67,36 +114,42 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def measures(what: str) -> bool:
+    """In a child: whether this process measures `what`, ``"memory"`` or ``"time"``."""
+    return os.environ.get(MEASURES_VARIABLE, what) == what
+
+
 def measure_training(module: Any, step_fn: Any, inputs: tuple, *, steps: int, warmup: int, device: str) -> dict[str, Any]:
-    """Compile time (the first step), the peak of one step, and the median of `steps` timed steps."""
+    """Compile time (the first step), then the peak of one step or the median of `steps`
+    timed steps, or both (see ``measures``)."""
     from graphopt.measure import measure_peak
 
     start = time.perf_counter()
     loss = train_step(module, step_fn, inputs)
     _synchronize(device)
-    compile_s = time.perf_counter() - start
+    result = {"loss": loss, "compile_s": time.perf_counter() - start}
     for _ in range(max(warmup - 1, 0)):
         train_step(module, step_fn, inputs)
-    # Drop the last step's gradients first, so the baseline holds parameters and inputs
-    # only and the measured peak includes the gradients this step makes.
-    module.zero_grad(set_to_none=True)
-    _, memory = measure_peak(lambda: train_step(module, step_fn, inputs), device=device)
-    step_ms = []
-    for _ in range(steps):
-        _synchronize(device)
-        start = time.perf_counter()
-        train_step(module, step_fn, inputs)
-        _synchronize(device)
-        step_ms.append((time.perf_counter() - start) * 1000)
-    return {
-        "loss": loss,
-        "compile_s": compile_s,
-        "peak_bytes": memory.peak_bytes,
-        "baseline_bytes": memory.baseline_bytes,
-        "median_step_ms": statistics.median(step_ms) if step_ms else None,
-        "min_step_ms": min(step_ms, default=None),
-        "max_step_ms": max(step_ms, default=None),
-    }
+    if measures("memory"):
+        # Drop the last step's gradients first, so the baseline holds parameters and inputs
+        # only and the measured peak includes the gradients this step makes.
+        module.zero_grad(set_to_none=True)
+        _, memory = measure_peak(lambda: train_step(module, step_fn, inputs), device=device)
+        result.update(peak_bytes=memory.peak_bytes, baseline_bytes=memory.baseline_bytes)
+    if measures("time"):
+        step_ms = []
+        for _ in range(steps):
+            _synchronize(device)
+            start = time.perf_counter()
+            train_step(module, step_fn, inputs)
+            _synchronize(device)
+            step_ms.append((time.perf_counter() - start) * 1000)
+        result.update(
+            median_step_ms=statistics.median(step_ms) if step_ms else None,
+            min_step_ms=min(step_ms, default=None),
+            max_step_ms=max(step_ms, default=None),
+        )
+    return result
 
 
 def graphopt_report(step_fn: Any) -> dict[str, Any]:

@@ -7,11 +7,21 @@ Model: ``examples.gpt.build()`` defaults (4 layers, d_model 256, 4 heads, vocab 
 batch 8 x seq 512), fp32, CPU, ``torch.manual_seed(0)``. One training step is
 ``model.zero_grad(set_to_none=True); loss = compiled(*inputs); loss.backward()``.
 
-Each configuration runs in its own process, started with ``MALLOC_MMAP_THRESHOLD_=65536``
-so freed tensors leave the process and the resident high-water mark tracks live tensors
-(see ``graphopt.measure``). A child warms up (the first step compiles), measures the peak
-of one step above the resident size before it (parameters, inputs and the compiled code
-are outside it; the step's gradients are inside), then times ``--steps`` steps (median).
+Each configuration's peak is measured in its own process, started with
+``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the process and the resident
+high-water mark tracks live tensors (see ``graphopt.measure``): the child warms up (the
+first step compiles) and measures the peak of one step above the resident size before it
+(parameters, inputs and the compiled code are outside it; the step's gradients are inside).
+
+Step times come from other processes, started with glibc's default allocator (the fixed
+threshold page-faults every large tensor afresh: torch's amb-1.0 step takes ~1069 ms there
+against ~955 ms; ``bench.child``). A torch point and its graphopt counterpart are timed side
+by side: one process compiles both, each on its own model, warms both up and runs
+``--steps`` rounds of one step of each, reversing the order every other round.
+``--rounds R`` runs R such processes, alternating which configuration comes first, and
+pools their steps; each median is over the pool. Timed in separate processes, one
+configuration's median moved by up to ~7% between processes here, more than the
+differences the verdict reads. A configuration given alone (``--configs``) is timed alone.
 
 Configurations:
   torch-amb-<v>     ``torch.compile(model)`` with ``torch._functorch.config.activation_memory_budget = v``
@@ -21,14 +31,14 @@ Configurations:
 
 ``--lossy F`` adds, after the torch points, graphopt-int8 and graphopt-lossy at a budget of
 F x the lowest peak (with parameters) torch measured in the same run, each compared with
-that torch point: ok when its measured peak is within the budget and its median step is
-no slower than torch's there.
+that torch point (the three timed together): ok when its measured peak is within the
+budget and its median step is no slower than torch's there.
 
 The whole comparison, on more models and configurations, is ``python -m bench`` (docs/benchmarks.md).
 The default run measures torch at 1.0, 0.5, 0.2 and 0.0, then graphopt once per torch
 point with budget = parameter bytes + the peak torch measured there. A graphopt point is
 ok when its measured peak (with parameters) is within its budget and its median step is no
-slower than that torch point's.
+slower than that torch point's, timed beside it (``torch ms``, ``x torch`` in the table).
 
 Anchors, torch measured on this kind of machine (2-core CPU, peak with parameters / median
 step): amb 1.0: 302 MB / 899 ms; 0.5: 206 MB / 996 ms; 0.2: 190 MB / 1656 ms; 0.0: 298 MB / 1246 ms.
@@ -42,15 +52,16 @@ import sys
 import time
 from typing import Any
 
+from bench.child import measures
 from bench.script import child_main, report, run_child_script, script_parser, with_errors
 
 TORCH_AMB_VALUES = (1.0, 0.5, 0.2, 0.0)
-TORCH_REFERENCE = "torch-amb-1.0"
 GRAPHOPT_KINDS = {"graphopt": {}, "graphopt-int8": {"quantize_bits": 8}, "graphopt-lossy": {"allow_lossy": True}}
 MEGABYTE = 1_000_000
 CSV_FIELDS = (
     "config", "reference", "budget_bytes", "param_bytes", "peak_bytes", "peak_with_params_bytes",
-    "median_step_ms", "time_ratio_vs_torch_amb_1_0", "compile_s", "predicted_peak_bytes", "ok", "error",
+    "median_step_ms", "reference_median_step_ms", "time_ratio_vs_reference", "compile_s", "predicted_peak_bytes",
+    "ok", "error",
 )  # fmt: skip
 
 
@@ -91,12 +102,12 @@ def _train_step(model: Any, compiled: Any, inputs: tuple) -> None:
     loss.backward()
 
 
-def run_child(config: str, steps: int, warmup: int) -> dict[str, Any]:
-    """Compile, measure and time one configuration in this process."""
+def _prepare(config: str) -> tuple[dict[str, Any], Any, Any, tuple]:
+    """Build the model, compile it as `config` says and run the first step: the result so
+    far (an ``error`` key when it failed), the model, the compiled step and the inputs."""
     import torch
 
     from examples.gpt import build
-    from graphopt.measure import measure_peak
 
     torch.manual_seed(0)
     model, inputs = build()
@@ -111,39 +122,87 @@ def run_child(config: str, steps: int, warmup: int) -> dict[str, Any]:
         try:  # graphopt.compile is written alongside this benchmark; report, don't crash
             from graphopt import compile as graphopt_compile
         except ImportError as error:
-            return {**result, "error": f"graphopt.compile unavailable: {error}"}
+            return {**result, "error": f"graphopt.compile unavailable: {error}"}, model, None, inputs
         compiled, compile_s = _compile_graphopt(model, inputs, int(value), _train_step, graphopt_compile, **GRAPHOPT_KINDS[kind])
         result["predicted_peak_bytes"] = _predicted_peaks(compiled)
     else:
-        return {**result, "error": f"unknown configuration {config!r}"}
+        return {**result, "error": f"unknown configuration {config!r}"}, model, None, inputs
     result["compile_s"] = compile_s
+    return result, model, compiled, inputs
 
+
+def run_child(config: str, steps: int, warmup: int) -> dict[str, Any]:
+    """Compile one configuration in this process, then measure its peak or time its
+    steps (``bench.child.measures``). ``A+B+...`` times several together."""
+    from graphopt.measure import measure_peak
+
+    if "+" in config:
+        return _time_together(config.split("+"), steps, warmup)
+    result, model, compiled, inputs = _prepare(config)
+    if "error" in result:
+        return result
     for _ in range(max(warmup - 1, 0)):
         _train_step(model, compiled, inputs)
-    # Drop the last step's gradients first, so the baseline holds parameters and inputs only
-    # and the measured peak includes the gradients this step makes.
-    model.zero_grad(set_to_none=True)
-    _, memory = measure_peak(lambda: _train_step(model, compiled, inputs), device="cpu")
-    result["peak_bytes"] = memory.peak_bytes
-    result["baseline_bytes"] = memory.baseline_bytes
-
-    step_ms = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        _train_step(model, compiled, inputs)
-        step_ms.append((time.perf_counter() - start) * 1000)
-    result["median_step_ms"] = statistics.median(step_ms)
+    if measures("memory"):
+        # Drop the last step's gradients first, so the baseline holds parameters and inputs
+        # only and the measured peak includes the gradients this step makes.
+        model.zero_grad(set_to_none=True)
+        _, memory = measure_peak(lambda: _train_step(model, compiled, inputs), device="cpu")
+        result["peak_bytes"] = memory.peak_bytes
+        result["baseline_bytes"] = memory.baseline_bytes
+    if measures("time"):
+        step_ms = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            _train_step(model, compiled, inputs)
+            step_ms.append((time.perf_counter() - start) * 1000)
+        result["median_step_ms"] = statistics.median(step_ms)
     return result
+
+
+def _time_together(configs: list[str], steps: int, warmup: int) -> dict[str, Any]:
+    """Compile every configuration in this process (each on its own model), then time
+    `steps` rounds of one step of each, the order reversed every other round, so that
+    a change in the machine's speed lands on all of them alike."""
+    prepared = [_prepare(config) for config in configs]
+    for result, *_ in prepared:
+        if "error" in result:
+            return result
+    for _ in range(max(warmup - 1, 0)):
+        for _, model, compiled, inputs in prepared:
+            _train_step(model, compiled, inputs)
+    step_ms: dict[str, list[float]] = {config: [] for config in configs}
+    for round_index in range(steps):
+        for result, model, compiled, inputs in prepared if round_index % 2 == 0 else prepared[::-1]:
+            start = time.perf_counter()
+            _train_step(model, compiled, inputs)
+            step_ms[result["config"]].append((time.perf_counter() - start) * 1000)
+    return {"config": "+".join(configs), "step_ms": step_ms}
 
 
 # ---------------------------------------------------------------- parent: the sweep
 
 
-def run_config(config: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run one configuration in a fresh process and return its JSON line."""
+def run_config(config: str, args: argparse.Namespace, runs: tuple[str, ...] = ("memory", "time")) -> dict[str, Any]:
+    """Run one configuration in fresh processes (by default one measuring memory, one
+    timing steps) and return its merged JSON line."""
     return run_child_script(
-        "bench.gpt_budget_frontier", config, args, label={"config": config}, timeout_s=args.child_timeout_s
+        "bench.gpt_budget_frontier", config, args, label={"config": config}, timeout_s=args.child_timeout_s, runs=runs
     )
+
+
+def time_together(configs: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Median step times of `configs` timed side by side (``_time_together``), pooled over
+    `args.rounds` processes that alternate which configuration compiles and runs first."""
+    samples: dict[str, list[float]] = {config: [] for config in configs}
+    for round_index in range(args.rounds if configs else 0):
+        order = configs if round_index % 2 == 0 else configs[::-1]
+        result = run_config("+".join(order), args, runs=("time",))
+        if "error" in result:
+            return {config: {"error": f"timed with {'+'.join(order)}: {result['error']}"} for config in configs}
+        for config in configs:
+            samples[config] += result["step_ms"][config]
+    return {config: {"median_step_ms": statistics.median(samples[config])} for config in configs}
 
 
 def graphopt_config_for(torch_result: dict[str, Any]) -> str | None:
@@ -156,71 +215,74 @@ def graphopt_config_for(torch_result: dict[str, Any]) -> str | None:
 def run_sweep(configs: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run `configs`; after each torch point of a default sweep, its graphopt counterpart.
 
-    With `--rounds R` > 1 each pair runs R times, alternating which goes first, and each
-    configuration keeps its fastest round (its peak is the largest seen): a 2-core
-    machine shared with other work slows whichever process the load lands on.
+    Each configuration's peak is measured in its own process; a torch point and its
+    graphopt counterpart are then timed side by side (``time_together``): on this 2-core
+    VM one configuration's median moves by up to ~7% from one process to the next,
+    more than the differences the verdict reads.
     """
     results = []
     for config in configs:
-        result = run_config(config, args)
-        pair = [(config, result, None)]
+        group = {config: run_config(config, args, runs=("memory",))}
+        reference = None
         if args.default_sweep and config.startswith("torch-amb-"):
-            graphopt_config = graphopt_config_for(result)
+            graphopt_config = graphopt_config_for(group[config])
             if graphopt_config is not None:
-                pair.append((graphopt_config, run_config(graphopt_config, args), config))
-        best = {name: result for name, result, _ in pair}
-        for round_index in range(1, args.rounds):
-            names = [name for name, _, _ in pair]
-            for name in names if round_index % 2 == 0 else reversed(names):
-                best[name] = _faster(best[name], run_config(name, args))
-        for name, _, reference in pair:
-            results.append({**best[name], "reference": reference} if reference else best[name])
+                group[graphopt_config] = run_config(graphopt_config, args, runs=("memory",))
+                reference = config
+        results += _with_times(group, reference, args)
     return results
 
 
 def run_lossy(results: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """graphopt with lossy saving allowed, at `args.lossy` x the lowest peak torch reached."""
+    """graphopt with lossy saving allowed, at `args.lossy` x the lowest peak torch reached,
+    timed beside that torch point."""
     measured = [r for r in results if r["config"].startswith("torch-amb-") and "error" not in r]
     if not measured:
         return []
     lowest = min(measured, key=lambda r: r["peak_bytes"] + r["param_bytes"])
     budget = int((lowest["peak_bytes"] + lowest["param_bytes"]) * args.lossy)
-    return [{**run_config(f"{kind}-{budget}", args), "reference": lowest["config"]} for kind in ("graphopt-int8", "graphopt-lossy")]
+    group = {lowest["config"]: lowest}
+    for kind in ("graphopt-int8", "graphopt-lossy"):
+        group[f"{kind}-{budget}"] = run_config(f"{kind}-{budget}", args, runs=("memory",))
+    return [row for row in _with_times(group, lowest["config"], args) if row["config"] != lowest["config"]]
 
 
-def _faster(kept: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """The faster of two rounds of one configuration, with the larger of their peaks."""
-    if "error" in kept or "error" in new:
-        return kept if "error" in new else new
-    fastest = min(kept, new, key=lambda r: r["median_step_ms"])
-    return {**fastest, "peak_bytes": max(kept["peak_bytes"], new["peak_bytes"])}
+def _with_times(group: dict[str, dict[str, Any]], reference: str | None, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`group`'s results (by configuration) with their step times, timed together; the
+    others than `reference` carry it and its median of the same runs."""
+    times = time_together([name for name, result in group.items() if "error" not in result], args)
+    rows = []
+    for name, result in group.items():
+        row = {**result, **times.get(name, {})}
+        if reference is not None and name != reference:
+            row.update(reference=reference, reference_median_step_ms=times.get(reference, {}).get("median_step_ms"))
+        rows.append(row)
+    return rows
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One CSV row per result, with peaks including parameters, time ratios and the verdict."""
-    by_config = {r["config"]: r for r in results}
-    reference_ms = by_config.get(TORCH_REFERENCE, {}).get("median_step_ms")
     rows = []
     for result in results:
         row = {field: result.get(field) for field in CSV_FIELDS}
         if result.get("peak_bytes") is not None:
             row["peak_with_params_bytes"] = result["peak_bytes"] + result["param_bytes"]
-        if reference_ms and result.get("median_step_ms") is not None:
-            row["time_ratio_vs_torch_amb_1_0"] = result["median_step_ms"] / reference_ms
+        if result.get("reference_median_step_ms") and result.get("median_step_ms") is not None:
+            row["time_ratio_vs_reference"] = result["median_step_ms"] / result["reference_median_step_ms"]
         if result["config"].startswith("graphopt-") and result["config"].rpartition("-")[2].isdigit():
             row["budget_bytes"] = int(result["config"].rpartition("-")[2])
-            row["ok"] = _verdict(row, by_config.get(result.get("reference", "")))
+            row["ok"] = _verdict(row)
         if isinstance(row["predicted_peak_bytes"], list):
             row["predicted_peak_bytes"] = max(row["predicted_peak_bytes"], default=None)
         rows.append(row)
     return rows
 
 
-def _verdict(row: dict[str, Any], torch_point: dict[str, Any] | None) -> str:
-    if row["error"] or row["peak_with_params_bytes"] is None:
+def _verdict(row: dict[str, Any]) -> str:
+    if row["error"] or row["peak_with_params_bytes"] is None or row["median_step_ms"] is None:
         return "not-ok"
     within_budget = row["peak_with_params_bytes"] <= row["budget_bytes"]
-    as_fast = torch_point is None or row["median_step_ms"] <= torch_point.get("median_step_ms", float("inf"))
+    as_fast = row["reference"] is None or row["median_step_ms"] <= (row["reference_median_step_ms"] or float("inf"))
     return "ok" if within_budget and as_fast else "not-ok"
 
 
@@ -228,14 +290,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def megabytes(value: int | None) -> str:
         return "-" if value is None else f"{value / MEGABYTE:.0f}"
 
-    lines = [f"{'config':<24} {'budget MB':>9} {'peak MB':>8} {'pred MB':>8} {'median ms':>10} {'x amb1.0':>9}  ok"]
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"{'config':<24} {'budget MB':>9} {'peak MB':>8} {'pred MB':>8} {'median ms':>10} {'torch ms':>9} {'x torch':>8}  ok"]
     for row in rows:
-        median = "-" if row["median_step_ms"] is None else f"{row['median_step_ms']:.0f}"
-        ratio = "-" if row["time_ratio_vs_torch_amb_1_0"] is None else f"{row['time_ratio_vs_torch_amb_1_0']:.2f}"
         lines += with_errors(
             row,
             f"{row['config']:<24} {megabytes(row['budget_bytes']):>9} {megabytes(row['peak_with_params_bytes']):>8} "
-            f"{megabytes(row['predicted_peak_bytes']):>8} {median:>10} {ratio:>9}  {row['ok'] or ''}"
+            f"{megabytes(row['predicted_peak_bytes']):>8} {number(row['median_step_ms'], '.0f'):>10} "
+            f"{number(row['reference_median_step_ms'], '.0f'):>9} {number(row['time_ratio_vs_reference'], '.3f'):>8}  {row['ok'] or ''}"
         )
     return "\n".join(lines)
 
@@ -243,7 +307,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = script_parser(__doc__.splitlines()[0], name="gpt_budget_frontier", steps=10, child_timeout_s=3600.0)
     parser.add_argument("--configs", help="comma-separated configurations (default: the torch sweep + graphopt)")
-    parser.add_argument("--rounds", type=int, default=1, help="runs of each torch/graphopt pair; the fastest counts")
+    parser.add_argument("--rounds", type=int, default=1, help="processes timing each torch/graphopt pair; their steps are pooled")
     parser.add_argument("--lossy", type=float, help="also run int8 / lossy graphopt at this fraction of torch's lowest peak")
     return parser.parse_args(argv)
 

@@ -11,8 +11,9 @@ Models (fp32, CPU, ``torch.manual_seed(0)``):
           of their cross-entropies, batch 2048: independent branches whose big logit
           gradients graphopt's simulation can free one head at a time
 
-Configurations, each in its own process started with ``MALLOC_MMAP_THRESHOLD_=65536``
-(see ``graphopt.measure``), all compiled with Inductor and no memory budget (torch's
+Configurations, each run twice in fresh processes (``bench.child``): started with
+``MALLOC_MMAP_THRESHOLD_=65536`` (see ``graphopt.measure``) to measure memory, with glibc's
+default allocator to time steps; all compiled with Inductor and no memory budget (torch's
 min-cut partition, so only the order differs):
   inductor-order   ``graphopt.compile(model, reorder=False)``: the partitioner's order,
                    then Inductor's own ``reorder_for_peak_memory``
@@ -21,9 +22,9 @@ min-cut partition, so only the order differs):
   no-reorder       ``reorder=False`` and Inductor's ``reorder_for_peak_memory`` off: the
                    partitioner's order as is (what either reordering starts from)
 
-A child warms up (the first step compiles), measures the peak of one step above the
-resident size before it (``graphopt.measure_peak``; parameters and inputs are outside
-it, the step's gradients inside), then times ``--steps`` steps (median). Times are
+A child warms up (the first step compiles); the memory child measures the peak of one
+step above the resident size before it (``graphopt.measure_peak``; parameters and inputs
+are outside it, the step's gradients inside), the time child times ``--steps`` steps (median). Times are
 reported only as ratios to ``inductor-order`` of the same model, in the same run.
 """
 
@@ -35,6 +36,7 @@ import sys
 import time
 from typing import Any
 
+from bench.child import measures
 from bench.script import child_main, report, run_child_script, script_parser, with_errors
 
 MODELS = ("gpt", "resnet", "heads")
@@ -186,15 +188,17 @@ def run_child(model_name: str, config: str, steps: int, warmup: int) -> dict[str
 
     for _ in range(max(warmup - 1, 0)):
         _train_step(model, compiled, inputs)
-    model.zero_grad(set_to_none=True)  # the baseline holds parameters and inputs only
-    _, memory = measure_peak(lambda: _train_step(model, compiled, inputs), device="cpu")
-    result["peak_bytes"] = memory.peak_bytes
-    step_ms = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        _train_step(model, compiled, inputs)
-        step_ms.append((time.perf_counter() - start) * 1000)
-    result["median_step_ms"] = statistics.median(step_ms)
+    if measures("memory"):
+        model.zero_grad(set_to_none=True)  # the baseline holds parameters and inputs only
+        _, memory = measure_peak(lambda: _train_step(model, compiled, inputs), device="cpu")
+        result["peak_bytes"] = memory.peak_bytes
+    if measures("time"):
+        step_ms = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            _train_step(model, compiled, inputs)
+            step_ms.append((time.perf_counter() - start) * 1000)
+        result["median_step_ms"] = statistics.median(step_ms)
     return result
 
 

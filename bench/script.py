@@ -7,36 +7,23 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.child import CHILD_ENVIRONMENT, REPO_ROOT
+from bench.child import REPO_ROOT, run_measuring
 
 
 def run_child_script(
-    module: str, child: str, args: Any, *, label: dict[str, Any], timeout_s: float
+    module: str, child: str, args: Any, *, label: dict[str, Any], timeout_s: float, runs: tuple[str, ...] = ("memory", "time")
 ) -> dict[str, Any]:
-    """``python -m <module> --child <child> --steps S --warmup W`` in a fresh process
-    (with the bench's allocator settings): its last JSON line, or the error as data,
-    labelled with `label` (the configuration's keys)."""
+    """``python -m <module> --child <child> --steps S --warmup W`` in fresh processes, by
+    default one measuring memory and one timing steps (``bench.child.run_measuring``):
+    the merged JSON line, or the error as data, labelled with `label` (the configuration's keys)."""
     command = [sys.executable, "-m", module, "--child", child, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    print(f"running {child} ...", file=sys.stderr, flush=True)
-    try:
-        completed = subprocess.run(
-            command, cwd=REPO_ROOT, env={**os.environ, **CHILD_ENVIRONMENT},
-            capture_output=True, text=True, timeout=timeout_s, check=False,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {**label, "error": f"timed out after {timeout_s} s"}
-    json_lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    if completed.returncode != 0 or not json_lines:
-        tail = " | ".join(completed.stderr.strip().splitlines()[-5:])
-        return {**label, "error": f"exit {completed.returncode}: {tail}"}
-    return json.loads(json_lines[-1])
+    print(f"running {child} ({', '.join(runs)}) ...", file=sys.stderr, flush=True)
+    return run_measuring(command, label=label, timeout_s=timeout_s, runs=runs)
 
 
 def child_main(run: Callable[[], dict[str, Any]], label: dict[str, Any]) -> int:

@@ -15,13 +15,14 @@ Configurations (``trainable=``):
   up-quarter      ``{"blocks.*.mlp.up.weight": 0.25, "blocks.*.mlp.up.bias": 0.25}`` (partial
                   channels; not in the default run)
 
-Each configuration runs in its own process, started with ``MALLOC_MMAP_THRESHOLD_=65536``
-so freed tensors leave the process (see ``graphopt.measure``). After warm-up (the first
-step compiles), the child measures one step in two parts: the forward's peak above the
+Each configuration runs twice, each time in a fresh process (``bench.child``): once
+started with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the process (see
+``graphopt.measure``) to measure memory, once with glibc's default allocator to time steps.
+After warm-up (the first step compiles), the memory child measures one step in two parts: the forward's peak above the
 resident size before it (parameters, inputs and code excluded), and the backward's peak
 measured from the same starting point, so it includes the saved activations the backward
 starts with, the gradients it makes and its temporaries (``backward_added_bytes`` is the
-part above what it started with). Then it times ``--steps`` steps,
+part above what it started with). The time child times ``--steps`` steps,
 forward and backward separately (medians of wall time, and of the process's CPU time,
 all threads, which a machine shared with other jobs disturbs less). Ratios are full /
 sparse (higher is better);
@@ -37,6 +38,7 @@ import sys
 import time
 from typing import Any
 
+from bench.child import measures
 from bench.script import child_main, report, run_child_script, script_parser, with_errors
 
 CONFIGS = {
@@ -82,28 +84,29 @@ def run_child(config: str, steps: int, warmup: int) -> dict[str, Any]:
     for _ in range(max(warmup - 1, 0)):
         forward().backward()
 
-    model.zero_grad(set_to_none=True)
-    loss, forward_memory = measure_peak(forward, device="cpu")
-    _, backward_memory = measure_peak(loss.backward, device="cpu")
-    del loss
-    result["forward_peak_bytes"] = forward_memory.peak_bytes
-    # From the step's starting point: what the forward left (saved tensors) plus the backward's own peak.
-    result["backward_peak_bytes"] = backward_memory.baseline_bytes + backward_memory.peak_bytes - forward_memory.baseline_bytes
-    result["backward_added_bytes"] = backward_memory.peak_bytes  # above what the backward started with
-
-    forward_ms, backward_ms, backward_cpu_ms = [], [], []
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = forward()
-        middle, middle_cpu = time.perf_counter(), time.process_time()
-        loss.backward()
-        end, end_cpu = time.perf_counter(), time.process_time()
-        forward_ms.append((middle - start) * 1000)
-        backward_ms.append((end - middle) * 1000)
-        backward_cpu_ms.append((end_cpu - middle_cpu) * 1000)
-    result["median_forward_ms"] = statistics.median(forward_ms)
-    result["median_backward_ms"] = statistics.median(backward_ms)
-    result["median_backward_cpu_ms"] = statistics.median(backward_cpu_ms)
+    if measures("memory"):
+        model.zero_grad(set_to_none=True)
+        loss, forward_memory = measure_peak(forward, device="cpu")
+        _, backward_memory = measure_peak(loss.backward, device="cpu")
+        del loss
+        result["forward_peak_bytes"] = forward_memory.peak_bytes
+        # From the step's starting point: what the forward left (saved tensors) plus the backward's own peak.
+        result["backward_peak_bytes"] = backward_memory.baseline_bytes + backward_memory.peak_bytes - forward_memory.baseline_bytes
+        result["backward_added_bytes"] = backward_memory.peak_bytes  # above what the backward started with
+    if measures("time"):
+        forward_ms, backward_ms, backward_cpu_ms = [], [], []
+        for _ in range(steps):
+            start = time.perf_counter()
+            loss = forward()
+            middle, middle_cpu = time.perf_counter(), time.process_time()
+            loss.backward()
+            end, end_cpu = time.perf_counter(), time.process_time()
+            forward_ms.append((middle - start) * 1000)
+            backward_ms.append((end - middle) * 1000)
+            backward_cpu_ms.append((end_cpu - middle_cpu) * 1000)
+        result["median_forward_ms"] = statistics.median(forward_ms)
+        result["median_backward_ms"] = statistics.median(backward_ms)
+        result["median_backward_cpu_ms"] = statistics.median(backward_cpu_ms)
     result["trained_parameters"] = sum(p.grad.count_nonzero().item() for p in model.parameters() if p.grad is not None)
     pruning = [plan.pruning for plan in graphopt.plans(compiled) if plan.pruning is not None]
     if pruning:

@@ -28,9 +28,9 @@ class Options:
     model_static_bytes: int = 0  # parameters and buffers of the whole model, when known
     # Share of the budget a plan's simulated peak must leave free, for what the
     # simulation still misses of the generated code (docs/design.md, "Not modelled
-    # yet"): measured peaks have run up to 5.5% above it (bench GPT with int8 saving),
-    # 4.7% on a suite GPT plan. Without code generation the simulation is the whole
-    # model, so no headroom.
+    # yet"): measured peaks have run up to 5.8% above it (bench GPT with int8 saving),
+    # 4.8% and 4.7% on GPT plans without it. Without code generation the simulation is
+    # the whole model, so no headroom.
     prediction_headroom: float = 0.07
     # Lossy saving (docs/offload_quantize.md): the quantized widths the program may
     # choose. () keeps every result exact (the default); allow_lossy=True gives (8, 4, 2),

@@ -17,6 +17,7 @@ import torch
 from conftest import REPO_ROOT
 
 from bench import __main__ as bench_main
+from bench.child import run_measuring
 from bench.configs import CONFIGURATIONS, CPU_DEFAULT, QUICK_DEFAULT, supported_variants
 from bench.models import MODELS, build_model
 from bench.suite import CSV_FIELDS, Budgets, graphopt_budgets, summarize
@@ -41,6 +42,34 @@ def test_one_configuration_end_to_end_writes_the_csv(tmp_path):
     assert "| compile |" in (tmp_path / "summary.md").read_text()
     plots_expected = importlib.util.find_spec("matplotlib") is not None  # the optional "plot" extra
     assert (tmp_path / "pareto_vit.png").exists() == plots_expected
+
+
+_CHILD = """
+import json, os
+from bench.child import measures
+result = {"threshold_" + which: os.environ.get("MALLOC_MMAP_THRESHOLD_") for which in ("memory", "time") if measures(which)}
+if measures("memory"):
+    result.update(peak_bytes=1, compile_s=30.0)
+if measures("time"):
+    result.update(median_step_ms=2.0, compile_s=3.0)
+print(json.dumps(result))
+"""
+
+
+def test_memory_is_measured_with_the_fixed_mmap_threshold_and_steps_are_timed_without_it(monkeypatch):
+    """The threshold page-faults every large tensor afresh; a parent started with it (as
+    `make test` is) must still time its children under glibc's default allocator."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    command = [sys.executable, "-c", _CHILD]
+    result = run_measuring(command, label={"config": "c"}, timeout_s=60)
+    # Where both report a value (compile time), the memory run's, which compiled cold, is kept.
+    assert result == {
+        "threshold_memory": "65536", "threshold_time": None, "peak_bytes": 1, "median_step_ms": 2.0, "compile_s": 30.0,
+    }  # fmt: skip
+    both = run_measuring(command, label={"config": "c"}, timeout_s=60, runs=("both",))  # CUDA: one process does both
+    assert both["threshold_memory"] == both["threshold_time"] == "65536" and both["median_step_ms"] == 2.0
+    failing = run_measuring([sys.executable, "-c", "raise SystemExit(3)"], label={"config": "c"}, timeout_s=60)
+    assert failing["config"] == "c" and failing["error"].startswith("exit 3")
 
 
 def _result(config: str, peak_bytes: int, median_step_ms: float, **extra) -> dict:
@@ -123,3 +152,36 @@ def test_suite_derives_budgets_then_resumes_without_rerunning(tmp_path, monkeypa
     calls.clear()
     resumed = suite.run_suite(dataclasses.replace(settings, resume=True))
     assert calls == [] and [row["config"] for row in resumed] == [row["config"] for row in rows]
+
+
+def test_the_frontier_times_each_torch_point_beside_its_graphopt_counterpart(monkeypatch):
+    """Peaks come from one process per configuration; times from processes that run the
+    pair side by side, alternating which goes first, and the verdict reads those times."""
+    from bench import gpt_budget_frontier as frontier
+
+    calls = []
+    step_ms = {"torch-amb-1.0": [10.0, 12.0], "graphopt-400": [11.0, 11.0]}
+
+    def fake_run_config(config, args, runs=("memory", "time")):
+        calls.append((config, runs))
+        if runs == ("memory",):
+            peak = 300 if config.startswith("torch") else 250
+            return {"config": config, "param_bytes": 100, "peak_bytes": peak}
+        return {"config": config, "step_ms": {name: step_ms[name] for name in config.split("+")}}
+
+    monkeypatch.setattr(frontier, "run_config", fake_run_config)
+    args = frontier.parse_arguments(["--rounds", "2"])
+    args.default_sweep = True
+    rows = frontier.summarize(frontier.run_sweep(["torch-amb-1.0"], args))
+    assert calls == [
+        ("torch-amb-1.0", ("memory",)), ("graphopt-400", ("memory",)),
+        ("torch-amb-1.0+graphopt-400", ("time",)), ("graphopt-400+torch-amb-1.0", ("time",)),
+    ]  # fmt: skip
+    torch_row, graphopt_row = rows
+    assert torch_row["median_step_ms"] == 11.0 and torch_row["ok"] is None  # median of 10, 12, 10, 12
+    assert graphopt_row["reference_median_step_ms"] == 11.0 and graphopt_row["time_ratio_vs_reference"] == 1.0
+    assert graphopt_row["peak_with_params_bytes"] == 350 <= graphopt_row["budget_bytes"] == 400
+    assert graphopt_row["ok"] == "ok"  # within budget and as fast
+    step_ms["graphopt-400"] = [11.5, 11.5]
+    slower = frontier.summarize(frontier.run_sweep(["torch-amb-1.0"], args))[1]
+    assert slower["time_ratio_vs_reference"] > 1 and slower["ok"] == "not-ok"
