@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,26 +123,45 @@ def measures(what: str) -> bool:
 def measure_training(module: Any, step_fn: Any, inputs: tuple, *, steps: int, warmup: int, device: str) -> dict[str, Any]:
     """Compile time (the first step), then the peak of one step or the median of `steps`
     timed steps, or both (see ``measures``)."""
-    from graphopt.measure import measure_peak
-
     start = time.perf_counter()
     loss = train_step(module, step_fn, inputs)
     _synchronize(device)
     result = {"loss": loss, "compile_s": time.perf_counter() - start}
     for _ in range(max(warmup - 1, 0)):
         train_step(module, step_fn, inputs)
+    # Dropping the last step's gradients first, the baseline holds parameters and inputs
+    # only and the measured peak includes the gradients this step makes.
+    result.update(
+        measure_step(
+            lambda: train_step(module, step_fn, inputs),
+            steps=steps,
+            device=device,
+            reset=lambda: module.zero_grad(set_to_none=True),
+        )
+    )
+    return result
+
+
+def measure_step(
+    step: Callable[[], object], *, steps: int, device: str = "cpu", reset: Callable[[], object] | None = None
+) -> dict[str, Any]:
+    """What this process measures of a warmed-up `step` (``measures``): in a memory run
+    the peak of one call above the memory before it (``reset`` first, when given), in a
+    time run the median, least and most of `steps` timed calls."""
+    from graphopt.measure import measure_peak
+
+    result: dict[str, Any] = {}
     if measures("memory"):
-        # Drop the last step's gradients first, so the baseline holds parameters and inputs
-        # only and the measured peak includes the gradients this step makes.
-        module.zero_grad(set_to_none=True)
-        _, memory = measure_peak(lambda: train_step(module, step_fn, inputs), device=device)
+        if reset is not None:
+            reset()
+        _, memory = measure_peak(step, device=device)
         result.update(peak_bytes=memory.peak_bytes, baseline_bytes=memory.baseline_bytes)
     if measures("time"):
         step_ms = []
         for _ in range(steps):
             _synchronize(device)
             start = time.perf_counter()
-            train_step(module, step_fn, inputs)
+            step()
             _synchronize(device)
             step_ms.append((time.perf_counter() - start) * 1000)
         result.update(

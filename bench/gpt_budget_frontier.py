@@ -52,7 +52,7 @@ import sys
 import time
 from typing import Any
 
-from bench.child import measures
+from bench.child import measure_step, measures
 from bench.script import child_main, report, run_child_script, script_parser, with_errors
 
 TORCH_AMB_VALUES = (1.0, 0.5, 0.2, 0.0)
@@ -70,6 +70,7 @@ CSV_FIELDS = (
 
 def _compile_torch(model: Any, inputs: tuple, amb: float, train_step) -> tuple[Any, float]:
     import torch
+    import torch._functorch.config
 
     # Compilation is lazy: the budget must be set while the first step traces and partitions.
     with torch._functorch.config.patch(activation_memory_budget=amb):
@@ -132,32 +133,21 @@ def _prepare(config: str) -> tuple[dict[str, Any], Any, Any, tuple]:
 
 
 def run_child(config: str, steps: int, warmup: int) -> dict[str, Any]:
-    """Compile one configuration in this process, then measure its peak or time its
-    steps (``bench.child.measures``). ``A+B+...`` times several together."""
-    from graphopt.measure import measure_peak
-
-    if "+" in config:
+    """Compile one configuration in this process and measure its peak; or, in a time run
+    (``bench.child.measures``), time ``A+B+...`` side by side (one configuration alone too)."""
+    if not measures("memory"):
         return _time_together(config.split("+"), steps, warmup)
     result, model, compiled, inputs = _prepare(config)
     if "error" in result:
         return result
     for _ in range(max(warmup - 1, 0)):
         _train_step(model, compiled, inputs)
-    if measures("memory"):
-        # Drop the last step's gradients first, so the baseline holds parameters and inputs
-        # only and the measured peak includes the gradients this step makes.
-        model.zero_grad(set_to_none=True)
-        _, memory = measure_peak(lambda: _train_step(model, compiled, inputs), device="cpu")
-        result["peak_bytes"] = memory.peak_bytes
-        result["baseline_bytes"] = memory.baseline_bytes
-    if measures("time"):
-        step_ms = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            _train_step(model, compiled, inputs)
-            step_ms.append((time.perf_counter() - start) * 1000)
-        result["median_step_ms"] = statistics.median(step_ms)
-    return result
+    # Dropping the last step's gradients first, the baseline holds parameters and inputs
+    # only and the measured peak includes the gradients this step makes.
+    measured = measure_step(
+        lambda: _train_step(model, compiled, inputs), steps=steps, reset=lambda: model.zero_grad(set_to_none=True)
+    )
+    return {**result, **measured}
 
 
 def _time_together(configs: list[str], steps: int, warmup: int) -> dict[str, Any]:

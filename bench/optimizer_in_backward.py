@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from typing import Any
 
-from bench.child import measures
+from bench.child import measure_step
 from bench.script import child_main, report, run_child_script, script_parser, with_errors
 
 MODELS = ("mlp", "gpt", "gpt8x512")
@@ -128,7 +127,6 @@ def run_child(config: str, steps: int, warmup: int) -> dict[str, Any]:
     import torch
 
     import graphopt
-    from graphopt.measure import measure_peak
 
     model_name, _, how = config.partition("-")
     if how not in HOWS:
@@ -154,16 +152,7 @@ def run_child(config: str, steps: int, warmup: int) -> dict[str, Any]:
     result["optimizer_state_bytes"] = sum(
         t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
     )
-    if measures("memory"):
-        _, memory = measure_peak(lambda: step(inputs), device="cpu")
-        result["peak_bytes"] = memory.peak_bytes
-    if measures("time"):
-        step_ms = []
-        for _ in range(steps):
-            begin = time.perf_counter()
-            step(inputs)
-            step_ms.append((time.perf_counter() - begin) * 1000)
-        result["median_step_ms"] = statistics.median(step_ms)
+    result.update(measure_step(lambda: step(inputs), steps=steps))
     if how.startswith("graphopt"):
         result["predicted_peak_bytes"] = max(plan.predicted_peak_bytes for plan in graphopt.plans(compiled))
 

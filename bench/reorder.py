@@ -31,12 +31,11 @@ reported only as ratios to ``inductor-order`` of the same model, in the same run
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from typing import Any
 
-from bench.child import measures
+from bench.child import measure_step
 from bench.script import child_main, report, run_child_script, script_parser, with_errors
 
 MODELS = ("gpt", "resnet", "heads")
@@ -165,7 +164,6 @@ def run_child(model_name: str, config: str, steps: int, warmup: int) -> dict[str
     import torch
 
     import graphopt
-    from graphopt.measure import measure_peak
 
     torch.manual_seed(0)
     model, inputs = build(model_name)
@@ -188,18 +186,12 @@ def run_child(model_name: str, config: str, steps: int, warmup: int) -> dict[str
 
     for _ in range(max(warmup - 1, 0)):
         _train_step(model, compiled, inputs)
-    if measures("memory"):
-        model.zero_grad(set_to_none=True)  # the baseline holds parameters and inputs only
-        _, memory = measure_peak(lambda: _train_step(model, compiled, inputs), device="cpu")
-        result["peak_bytes"] = memory.peak_bytes
-    if measures("time"):
-        step_ms = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            _train_step(model, compiled, inputs)
-            step_ms.append((time.perf_counter() - start) * 1000)
-        result["median_step_ms"] = statistics.median(step_ms)
-    return result
+    measured = measure_step(
+        lambda: _train_step(model, compiled, inputs),
+        steps=steps,
+        reset=lambda: model.zero_grad(set_to_none=True),  # the baseline holds parameters and inputs only
+    )
+    return {**result, **measured}
 
 
 # ---------------------------------------------------------------- parent
