@@ -1,8 +1,9 @@
 """Run one benchmark configuration in fresh processes and hand back one JSON line.
 
-The parent (``bench.suite``, ``bench.gpt_budget_frontier``) starts ``python -m bench.child
-'<json spec>'`` for every configuration, so compilation caches in memory, allocator state
-and global torch settings never carry from one configuration to the next.
+The suite (``bench.suite``) starts ``python -m bench.child '<json spec>'`` for every
+configuration, and the single-purpose scripts start themselves with ``--child``
+(``bench.script``), so compilation caches in memory, allocator state and global torch
+settings never carry from one configuration to the next. Both go through ``run_measuring``.
 
 On CPU a configuration runs twice, each time in a fresh process, and the two results are
 merged (``run_measuring``):

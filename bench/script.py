@@ -1,5 +1,5 @@
-"""What the single-purpose bench scripts share: one configuration per child process,
-and the CSV they write (``python -m bench.<script>``; the suite has its own in
+"""What the single-purpose bench scripts share: each configuration measured in fresh
+child processes (memory and time apart, ``bench.child``), and the CSV they write (``python -m bench.<script>``; the suite has its own in
 ``bench/suite.py``)."""
 
 from __future__ import annotations
