@@ -11,7 +11,8 @@ Modelling choices, each conservative or corrected later by simulating the real g
 - A saved view (``unbind``'s q, k, v) holds the buffer it views: that buffer's bytes,
   once, however many of its views are saved.
 - A recomputed tensor is recomputed just before the earliest backward use of itself or
-  of a tensor recomputed from it (one hop), and lives to its last such use.
+  of a tensor recomputed from it, however many hops away (the problem derives that
+  from the decisions), and lives to its last such use.
 """
 
 from __future__ import annotations
@@ -113,14 +114,15 @@ def analyze(
 
     nodes = _candidate_nodes(joint, uses)
     index = {node: i for i, node in enumerate(nodes)}
-    windows = _backward_windows(nodes, index, uses, num_forward)
     mutated = torch_private.mutated_inputs(joint)
     pricer = _pricer(nodes, timeline, num_forward, hardware, node_cost, alternatives)
+    backward = frozenset(joint.backward_nodes)
     candidates = tuple(
         _with_alternatives(
-            _candidate(node, index, uses, windows[node], free_at.get(node, position[node] - 1), hardware, node_cost, mutated),
+            _candidate(node, index, uses, _own_reads(node, uses, num_forward), backward, free_at.get(node, position[node] - 1), hardware, node_cost, mutated),
             node,
             position[node],
+            _first_need(node, index, uses, num_forward),
             pricer,
             alternatives,
         )
@@ -179,26 +181,21 @@ def _add(changes: list[int], first: int, last: int, size: int) -> None:
     changes[last + 1] -= size
 
 
-def _backward_windows(nodes: list[fx.Node], index: dict, uses: _Uses, num_forward: int) -> dict[fx.Node, tuple[int, int]]:
-    """First and last backward step each candidate must be available at if recomputed.
+def _own_reads(node: fx.Node, uses: _Uses, num_forward: int) -> tuple[int, int]:
+    """First and last backward step reading the candidate (or a view of it); a pure
+    ancestor, read by no backward op, gets the first backward step (the problem ignores
+    it: such a tensor is needed only when what is recomputed from it is)."""
+    own = uses.backward.get(node, [])
+    return (min(own), max(own)) if own else (num_forward, num_forward)
 
-    Its own backward reads, plus the first read of each tensor recomputed from it (one
-    hop). A pure ancestor, read by no backward op, takes its dependents' windows.
-    """
-    windows: dict[fx.Node, tuple[int, int]] = {}
-    for node in reversed(nodes):
-        own = uses.backward.get(node, [])
-        dependent_firsts = [
-            min(uses.backward[user]) if user in uses.backward else windows[user][0] for user in node.users if user in index
-        ]
-        if own:
-            reads = own + dependent_firsts
-            windows[node] = (min(reads), max(reads))
-        elif dependent_firsts:
-            windows[node] = (min(dependent_firsts), max(dependent_firsts))
-        else:
-            windows[node] = (num_forward, num_forward)
-    return windows
+
+def _first_need(node: fx.Node, index: dict, uses: _Uses, num_forward: int) -> int:
+    """The first backward step reading the candidate or a tensor recomputed straight
+    from it: where an offloaded or quantized copy must be whole again, were its readers
+    recomputed."""
+    reads = [_own_reads(node, uses, num_forward)[0]]
+    reads += [min(uses.backward[user]) for user in node.users if user in index and user in uses.backward]
+    return min(reads)
 
 
 def _candidate_nodes(joint: JointGraph, uses: _Uses) -> list[fx.Node]:
@@ -219,14 +216,17 @@ def _candidate(
     node: fx.Node,
     index: dict,
     uses: _Uses,
-    window: tuple[int, int],
+    reads: tuple[int, int],
+    backward: frozenset[fx.Node],
     free_at: int,
     hardware: HardwareProfile,
     node_cost: NodeCost,
     mutated: frozenset[fx.Node],
 ) -> Candidate:
     own = uses.backward.get(node, [])
-    first, last = window
+    first, last = reads
+    # Who could read it in the backward: backward ops, and candidates recomputed there.
+    backward_readers = [user for user in node.users if user in index or user in backward]
     policy = torch_private.checkpoint_policy(node)
     value = node.meta.get("val")
     is_tuple = isinstance(value, (list, tuple))
@@ -250,6 +250,7 @@ def _candidate(
         ),
         can_keep=not (is_tuple or is_view or policy in _CANNOT_SAVE_POLICIES),
         storage_of=index.get(owner) if owner is not node else None,
+        recomputed_bytes=None if is_materialized(node, backward_readers) else 0,
     )
 
 
@@ -266,7 +267,9 @@ def _pricer(nodes, timeline, num_forward: int, hardware: HardwareProfile, node_c
     return AlternativePricer(hardware, step_ms, num_forward)
 
 
-def _with_alternatives(candidate: Candidate, node: fx.Node, produced: int, pricer, settings: AlternativeSettings) -> Candidate:
+def _with_alternatives(
+    candidate: Candidate, node: fx.Node, produced: int, first_need: int, pricer, settings: AlternativeSettings
+) -> Candidate:
     """The candidate with the offload / quantize choices the options and its policy allow.
 
     Only whole tensors the backward reads qualify (not views, tuples, or what torch pins
@@ -279,7 +282,7 @@ def _with_alternatives(candidate: Candidate, node: fx.Node, produced: int, price
         return candidate
     if torch_private.is_view(node) or torch_private.must_stay_in_forward(node) or candidate.size_bytes == 0:
         return candidate
-    lifetime = Lifetime(produced, candidate.free_at, candidate.backward_first_use, candidate.backward_last_use)
+    lifetime = Lifetime(produced, candidate.free_at, first_need, candidate.backward_last_use)
     offload = settings.offload or policy in _OFFLOAD_POLICIES
     asked = {"minimum_bytes": 0} if policy in _OFFLOAD_POLICIES else {}
     found = pricer.alternatives(node.meta.get("val"), lifetime, bits=settings.quantize_bits, offload=offload, **asked)

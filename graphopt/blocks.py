@@ -215,7 +215,7 @@ class ComposedPlanner:
         try:
             self._deep.plan_graphs(dataclasses.replace(options, memory_budget_bytes=1))
         except BudgetInfeasibleError as error:
-            return error.least_peak_bytes
+            return error.least_budget_bytes
         raise AssertionError("a 1-byte budget was met")
 
     def _composed(self, deep_options: Options, options: Options) -> tuple[Plan, int]:

@@ -338,7 +338,7 @@ def pareto(step: offline.TracedStep | ComposedPlanner, options: Options) -> dict
             plans = step.plan(dataclasses.replace(options, memory_budget_bytes=budget))
             points.append({"budget_bytes": budget, "plans": plans})
         except BudgetInfeasibleError as error:
-            points.append({"budget_bytes": budget, "plans": None, "least_budget_bytes": error.least_peak_bytes})
+            points.append({"budget_bytes": budget, "plans": None, "least_budget_bytes": error.least_budget_bytes})
     progress("planned", len(budgets), len(budgets))
     return {"plans": baseline, "least_budget_bytes": least_budget, "pareto": points}
 
@@ -359,7 +359,7 @@ def least_budget_bytes(step: offline.TracedStep, options: Options) -> int:
     try:
         step.plan(dataclasses.replace(options, memory_budget_bytes=IMPOSSIBLE_BUDGET_BYTES))
     except BudgetInfeasibleError as error:
-        return error.least_peak_bytes
+        return error.least_budget_bytes
     return IMPOSSIBLE_BUDGET_BYTES
 
 

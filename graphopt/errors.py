@@ -21,14 +21,16 @@ class HardwareError(GraphoptError, ValueError):
 class BudgetInfeasibleError(GraphoptError):
     """No plan keeps the step's peak under the budget.
 
-    ``least_peak_bytes`` is the smallest budget graphopt can meet on this graph (the
-    least reachable peak plus the headroom graphopt keeps for its prediction error), and
+    ``least_peak_bytes`` is the least peak any plan graphopt found reaches (as
+    predicted), ``least_budget_bytes`` the smallest budget graphopt can meet on this
+    graph (that peak plus the headroom graphopt keeps for its prediction error), and
     ``breakdown`` says what the least reachable peak is made of (bytes by kind).
     """
 
-    def __init__(self, message: str, *, least_peak_bytes: int, breakdown: dict[str, int]):
+    def __init__(self, message: str, *, least_peak_bytes: int, least_budget_bytes: int, breakdown: dict[str, int]):
         super().__init__(message)
         self.least_peak_bytes = least_peak_bytes
+        self.least_budget_bytes = least_budget_bytes
         self.breakdown = breakdown
 
 

@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import re
+import time
 from collections.abc import Sequence
 
 import torch.fx as fx
@@ -43,6 +44,28 @@ MAX_REPAIR_ROUNDS = 6
 SNUG_FRACTION = 0.02
 # Program budgets tried, evenly spaced, before reporting that nothing fits.
 SWEEP_POINTS = 8
+# A solve started after the graph's planning time ran out still gets this long to find
+# an incumbent (or fall back to the greedy plan).
+MIN_SOLVE_S = 1.0
+
+
+@dataclasses.dataclass
+class PlanningClock:
+    """What is left of one graph's planning time: ``Options.solver_time_limit_s`` bounds
+    every solve of its repair rounds and sweep together, not each one."""
+
+    limit_s: float
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def left_s(self) -> float:
+        return max(self.limit_s - (time.perf_counter() - self.started), 0.0)
+
+    @property
+    def expired(self) -> bool:
+        return self.left_s() <= 0
+
+    def solve_limit_s(self) -> float:
+        return max(self.left_s(), MIN_SOLVE_S)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +126,7 @@ class Session:
         graphs with room for it, or `error` itself when that cannot help (no earlier
         graph keeps anything, or they already leave that room)."""
         earlier = [name for name, size in self.saved_bytes.items() if name != graph and size > 0]
-        least = math.floor(error.least_peak_bytes * (1 - self.options.prediction_headroom))
+        least = error.least_peak_bytes
         # What this graph needs beyond every parameter and what earlier graphs keep.
         need = least - analysis.extra_static_bytes - analysis.parameter_bytes
         room = dict(self.room_after)
@@ -203,11 +226,12 @@ def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis
         solution, forward, backward, predicted_peak = _apply_given(joint, analysis, given.actions, graph_name, options)
     else:
         solution, forward, backward, predicted_peak = _torch_default(joint, joint_inputs, analysis, options)
+    clock = PlanningClock(options.solver_time_limit_s)
     if given is None and _policy_demands_offload(analysis):  # min-cut ignores the user's offload tags
-        solution, forward, backward, predicted_peak = _solve_without_budget(joint, analysis, options)
+        solution, forward, backward, predicted_peak = _solve_without_budget(joint, analysis, options, clock)
     if given is None and options.memory_budget_bytes is not None and predicted_peak > _usable(options):
         analysis = _learn_from_min_cut(analysis, solution)
-        solution, forward, backward, predicted_peak = _solve_and_split(joint, analysis, options, predicted_peak)
+        solution, forward, backward, predicted_peak = _solve_and_split(joint, analysis, options, predicted_peak, clock)
     reordering = forward.meta.get(_REORDERING, ())
     plan = build_plan(graph_name, analysis, solution, predicted_peak, forward, backward, reordering)
     return plan, forward, backward
@@ -303,7 +327,7 @@ def _learn_from_min_cut(analysis: Analysis, min_cut: Solution) -> Analysis:
     return dataclasses.replace(analysis, problem=dataclasses.replace(analysis.problem, candidates=candidates))
 
 
-def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: int):
+def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: int, clock: PlanningClock):
     """Solve, split, simulate; move the program's budget until the simulation fits snugly.
 
     The program's memory model is approximate (see docs/design.md) in both directions;
@@ -312,7 +336,8 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
     plan overshoots, up when it leaves more than `SNUG_FRACTION` unused (a looser plan
     recomputes less); once one target fits and another overshoots, a shift that leaves
     the interval between them bisects it. The fastest plan that fits wins.
-    `default_peak` is torch's min-cut peak, the first point of reference.
+    `default_peak` is torch's min-cut peak, the first point of reference. The rounds stop
+    when `clock` runs out and a plan fits.
     """
     problem = analysis.problem
     budget = _usable(options)
@@ -320,12 +345,14 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
     fits, overshoots = None, None  # the highest target whose plan fit, the lowest whose did not
     tried, floor_tried = {budget}, False
     for _ in range(MAX_REPAIR_ROUNDS):
-        solution = solve(dataclasses.replace(problem, budget_bytes=target), time_limit_s=options.solver_time_limit_s)
+        if clock.expired and best is not None:
+            break
+        solution = solve(dataclasses.replace(problem, budget_bytes=target), time_limit_s=clock.solve_limit_s())
         if solution is None:  # below the model's least peak, which is conservative: try that plan
             if floor_tried:
                 break  # lower targets all give that plan again
             floor_tried = True
-            solution = least_peak(problem, time_limit_s=options.solver_time_limit_s)
+            solution = least_peak(problem, time_limit_s=clock.solve_limit_s())
         forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution, options)
         least = min(least, predicted_peak)
         if predicted_peak <= budget:
@@ -348,20 +375,23 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
         log.info("simulated peak %s for a usable %s; replanning for %s", format_bytes(predicted_peak), format_bytes(budget), format_bytes(target))
     if best is not None:
         return best
-    return _sweep(joint, analysis, options, least)
+    return _sweep(joint, analysis, options, least, clock)
 
 
-def _sweep(joint, analysis: Analysis, options: Options, least_seen: int):
+def _sweep(joint, analysis: Analysis, options: Options, least_seen: int, clock: PlanningClock):
     """Last resort before giving up: plans for program budgets from the model's least
     peak up to the default's, each simulated. The first that fits is used; otherwise
-    the least simulated peak is what the error reports, so that number is reachable."""
+    the least simulated peak is what the error reports, so that number is reachable.
+    Once `clock` has run out only the least-peak plan is judged."""
     problem, budget = analysis.problem, _usable(options)
-    floor = least_peak(problem, time_limit_s=options.solver_time_limit_s)
+    floor = least_peak(problem, time_limit_s=clock.solve_limit_s())
     best_solution, least = floor, least_seen
     for step in range(SWEEP_POINTS):
+        if step and clock.expired:
+            break
         target = floor.peak_bytes + (least_seen - floor.peak_bytes) * step // SWEEP_POINTS
         program = dataclasses.replace(problem, budget_bytes=target)
-        solution = floor if step == 0 else solve(program, time_limit_s=options.solver_time_limit_s)
+        solution = floor if step == 0 else solve(program, time_limit_s=clock.solve_limit_s())
         if solution is None:
             continue
         forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution, options)
@@ -369,7 +399,7 @@ def _sweep(joint, analysis: Analysis, options: Options, least_seen: int):
             return solution, forward, backward, predicted_peak
         if predicted_peak < least:
             best_solution, least = solution, predicted_peak
-    raise _infeasible(analysis, options, least, best_solution)
+    raise _infeasible(analysis, options, least, best_solution, timed_out=clock.expired)
 
 
 def _usable(options: Options) -> int:
@@ -391,11 +421,11 @@ def _policy_demands_offload(analysis: Analysis) -> bool:
     return any(c.alternatives and not c.can_keep and not c.can_recompute for c in analysis.problem.candidates)
 
 
-def _solve_without_budget(joint, analysis: Analysis, options: Options):
+def _solve_without_budget(joint, analysis: Analysis, options: Options, clock: PlanningClock):
     """The fastest plan that honours the user's constraints, whatever its peak."""
     unbounded = sum(analysis.problem.base_bytes) + sum(c.size_bytes for c in analysis.problem.candidates)
     problem = dataclasses.replace(analysis.problem, budget_bytes=max(analysis.problem.base_bytes) + unbounded)
-    solution = solve(problem, time_limit_s=options.solver_time_limit_s)
+    solution = solve(problem, time_limit_s=clock.solve_limit_s())
     assert solution is not None, "a budget above every tensor together always fits"
     return solution, *_split_and_simulate(joint, analysis, solution, options)
 
@@ -491,11 +521,12 @@ def saved_nodes(joint, analysis: Analysis, actions: Sequence[str]) -> list[fx.No
     return primals + kept
 
 
-def _infeasible(analysis: Analysis, options: Options, least: int, best: Solution) -> BudgetInfeasibleError:
-    """The error naming the least budget graphopt can meet.
+def _infeasible(analysis: Analysis, options: Options, least: int, best: Solution, *, timed_out: bool) -> BudgetInfeasibleError:
+    """The error naming the least reachable peak and the least budget graphopt can meet.
 
     `least` is the lowest simulated peak of any plan tried (so it is reachable); the
     least budget adds the headroom graphopt keeps for the simulation's error.
+    `timed_out`: the planning time ran out before every sweep point was tried.
     """
     least_budget = math.ceil(least / (1 - options.prediction_headroom))
     timeline = memory_timeline(analysis.problem, best.actions)
@@ -507,8 +538,15 @@ def _infeasible(analysis: Analysis, options: Options, least: int, best: Solution
         f"no plan fits memory_budget={format_bytes(options.memory_budget_bytes)}: the least reachable peak is "
         f"{format_bytes(least)} (in the {phase}: {parts}); with the {options.prediction_headroom:.0%} headroom graphopt "
         f"keeps for its prediction error, the least budget it can meet is {format_bytes(least_budget)}. "
-        "Raise the budget to at least that, or shrink the batch.",
-        least_peak_bytes=least_budget,
+        "Raise the budget to at least that, or shrink the batch."
+        + (
+            f" (Planning stopped when its {options.solver_time_limit_s:g} s ran out; a larger "
+            "solver_time_limit_s may find a lower peak.)"
+            if timed_out
+            else ""
+        ),
+        least_peak_bytes=least,
+        least_budget_bytes=least_budget,
         breakdown=breakdown,
     )
 

@@ -4,14 +4,23 @@ The timeline is the forward's steps ``0 .. num_forward_steps-1`` followed by the
 backward's. Memory at step ``t`` is ``base_bytes[t]`` (what no decision changes) plus:
 
 - a saved candidate ``i``: ``size_bytes`` from ``free_at + 1`` (when it would have been
-  freed had nobody saved it) through ``backward_last_use``; a saved view (``storage_of``
+  freed had nobody saved it) through its end (below); a saved view (``storage_of``
   set) holds the buffer it views instead, counted once however many of its views are
   saved, through that buffer's lifetime;
-- a recomputed candidate: ``size_bytes`` from ``backward_first_use`` (recomputed just
-  before it is first needed) through ``backward_last_use``;
+- a recomputed candidate: ``recomputed_size_bytes`` (0 for a pointwise value fused
+  into its readers) from its start through its end. Its start
+  depends on the other decisions: the backward recomputes a tensor just before the
+  first step that needs it, its own first backward read (``backward_first_use``) or the
+  recomputation of a tensor recomputed from it, whichever comes first. A chain of
+  recomputations (a whole block redone from its kept input, as checkpointing does)
+  therefore materialises each link when the next one is redone;
 - an alternative (offload, quantize, offload of a quantized copy): the bytes of each of
   its ``intervals``, which the analysis derives from the candidate's lifetime and the
   hardware (see ``Alternative``).
+
+A candidate's end (``last_needed``) is the later of its own last backward read and the
+latest step a tensor recomputed from it can be redone at, whatever is decided; a view's
+readers count for the buffer it views.
 
 ``evaluate`` is the reference semantics; the MILP in ``solver.py`` encodes the same sums.
 """
@@ -19,6 +28,7 @@ backward's. Memory at step ``t`` is ``base_bytes[t]`` (what no decision changes)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 KEEP = "keep"
@@ -81,6 +91,9 @@ class Candidate:
     recompute_ms: float
     inputs: tuple[int, ...]  # candidates the producer reads (graph inputs are always available)
     free_at: int  # last forward step it is alive if not saved
+    # First and last step of the backward reads of it (through views of it too); only
+    # meaningful when ``needed_by_backward``: a pure ancestor is needed only by what is
+    # recomputed from it.
     backward_first_use: int
     backward_last_use: int
     needed_by_backward: bool  # read by a backward op: it must be kept or recomputed
@@ -92,6 +105,14 @@ class Candidate:
     # a kept view is charged (once per buffer). None: the candidate owns its bytes, or
     # views memory no decision frees (a parameter).
     storage_of: int | None = None
+    # Bytes it holds when recomputed, if not ``size_bytes``: a pointwise value whose
+    # possible backward readers are all pointwise is computed inside their kernel and
+    # never stored.
+    recomputed_bytes: int | None = None
+
+    @property
+    def recomputed_size_bytes(self) -> int:
+        return self.size_bytes if self.recomputed_bytes is None else self.recomputed_bytes
 
     def __post_init__(self) -> None:
         if not self.can_keep and not self.can_recompute and not self.alternatives and self.needed_by_backward:
@@ -115,6 +136,47 @@ class Problem:
     @property
     def num_steps(self) -> int:
         return len(self.base_bytes)
+
+    @functools.cached_property
+    def readers(self) -> tuple[tuple[int, ...], ...]:
+        """Per candidate, the candidates whose producer reads it (which come later)."""
+        readers: list[list[int]] = [[] for _ in self.candidates]
+        for index, candidate in enumerate(self.candidates):
+            for source in candidate.inputs:
+                readers[source].append(index)
+        return tuple(tuple(r) for r in readers)
+
+    @functools.cached_property
+    def latest_redo(self) -> tuple[int | None, ...]:
+        """Per candidate, the latest step its recomputation can be needed at, whatever
+        is decided: its own first backward read, or for a pure ancestor the latest of
+        its readers'; None when nothing could ever need it recomputed."""
+        latest: list[int | None] = [None] * len(self.candidates)
+        for index in reversed(range(len(self.candidates))):
+            candidate = self.candidates[index]
+            if candidate.needed_by_backward:
+                latest[index] = candidate.backward_first_use
+                continue
+            steps = [latest[r] for r in self.readers[index] if latest[r] is not None and self.candidates[r].can_recompute]
+            latest[index] = max(steps, default=None)
+        return tuple(latest)
+
+    @functools.cached_property
+    def last_needed(self) -> tuple[int, ...]:
+        """Per candidate, the last step it is alive at when kept or recomputed: its own
+        last backward read, the latest a reader can be recomputed at, and the end of any
+        view of it recomputed from it (the view's readers read this buffer)."""
+        ends = [0] * len(self.candidates)
+        for index in reversed(range(len(self.candidates))):
+            candidate = self.candidates[index]
+            steps = [candidate.backward_last_use] if candidate.needed_by_backward else [self.num_forward_steps]
+            for reader in self.readers[index]:
+                if self.latest_redo[reader] is not None and self.candidates[reader].can_recompute:
+                    steps.append(self.latest_redo[reader])
+                if self.candidates[reader].storage_of == index:
+                    steps.append(ends[reader])
+            ends[index] = max(steps)
+        return tuple(ends)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +210,22 @@ def redo_ms(problem: Problem, index: int) -> float:
     return total
 
 
+def recompute_starts(problem: Problem, actions: Sequence[str]) -> list[int | None]:
+    """The step each recomputed candidate is redone at (None for the others): just
+    before its own first backward read or the redoing of a tensor recomputed from it,
+    whichever comes first."""
+    starts: list[int | None] = [None] * len(problem.candidates)
+    for index in reversed(range(len(problem.candidates))):
+        if actions[index] != RECOMPUTE:
+            continue
+        candidate = problem.candidates[index]
+        steps = [candidate.backward_first_use] if candidate.needed_by_backward else []
+        steps += [starts[r] for r in problem.readers[index] if starts[r] is not None]
+        # A recomputed tensor nothing reads is not redone at all (the split drops it).
+        starts[index] = min(steps, default=None)
+    return starts
+
+
 def memory_deltas(problem: Problem, actions: Sequence[str]) -> list[int]:
     """Change of decision-dependent memory at each step (index num_steps = past the end)."""
     delta = [0] * (problem.num_steps + 1)
@@ -155,16 +233,17 @@ def memory_deltas(problem: Problem, actions: Sequence[str]) -> list[int]:
     for index in held:
         candidate = problem.candidates[index]
         delta[candidate.free_at + 1] += candidate.size_bytes
-        delta[candidate.backward_last_use + 1] -= candidate.size_bytes
+        delta[problem.last_needed[index] + 1] -= candidate.size_bytes
+    for index, start in enumerate(recompute_starts(problem, actions)):
+        if start is not None:
+            size = problem.candidates[index].recomputed_size_bytes
+            delta[start] += size
+            delta[problem.last_needed[index] + 1] -= size
     for candidate, action in zip(problem.candidates, actions):
-        size = candidate.size_bytes
-        if action == RECOMPUTE:
-            delta[candidate.backward_first_use] += size
-            delta[candidate.backward_last_use + 1] -= size
-        elif action not in (KEEP, DROP):
-            for first, last, held in candidate.alternative(action).intervals:
-                delta[first] += held
-                delta[last + 1] -= held
+        if action not in (KEEP, DROP, RECOMPUTE):
+            for first, last, held_bytes in candidate.alternative(action).intervals:
+                delta[first] += held_bytes
+                delta[last + 1] -= held_bytes
     return delta
 
 

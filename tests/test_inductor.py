@@ -152,7 +152,7 @@ _WIDE_MLP_SCRIPT = textwrap.dedent(
     try:
         graphopt.compile(MLP(), memory_budget=budget)(x)  # infeasibility is raised before codegen
     except graphopt.BudgetInfeasibleError as error:
-        budget = int(error.least_peak_bytes * 1.05)
+        budget = int(error.least_budget_bytes * 1.05)
     torch._dynamo.reset()
 
     compiled = graphopt.compile(model, memory_budget=budget)

@@ -209,7 +209,7 @@ def _tight_budget() -> int:
     compiled = graphopt.compile(model, compiler="eager", memory_budget=1)  # infeasible: the error names the least
     with pytest.raises(graphopt.BudgetInfeasibleError) as error:
         training_step(compiled, INPUTS)
-    return error.value.least_peak_bytes
+    return error.value.least_budget_bytes
 
 
 def test_exact_mode_never_quantizes_and_matches_eager():
