@@ -41,6 +41,8 @@ GRAPHOPT_FRACTIONS = (1.0, 0.5, 0.0, -0.2)
 # What `python -m bench --suite cpu` runs when --configs is not given: one point of each
 # kind, so that three models fit in 20 minutes on an idle 2-core machine (each compiled
 # configuration costs a cold Inductor compile). `--configs all` runs the whole table.
+# Torch configurations whose measured peak is also a graphopt budget (`graphopt-at-<name>`).
+AT_CONFIGURATIONS = ("checkpoint-full", "checkpoint-selective")
 CPU_DEFAULT = ("compile", "torch-amb-0.5", "checkpoint-full", "graphopt-0.5", "graphopt-0.0")
 # `--quick`: tiny shapes of every model, the reference and a checkpointing policy to set
 # graphopt's budget against.
@@ -202,6 +204,11 @@ def _graphopt_configurations() -> list[Configuration]:
         )  # fmt: skip
         for variant, options in GRAPHOPT_VARIANTS.items()
     ]
+    # graphopt asked for exactly the peak a checkpointing configuration measured.
+    configurations += [
+        Configuration(f"graphopt-at-{name}", "graphopt", _prepare_graphopt, settings={"at": name})
+        for name in AT_CONFIGURATIONS
+    ]
     return configurations
 
 
@@ -209,7 +216,8 @@ CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in _torch_configurat
 
 
 def is_graphopt(name: str) -> bool:
-    return "fraction" in CONFIGURATIONS[name].settings
+    settings = CONFIGURATIONS[name].settings
+    return "fraction" in settings or "at" in settings
 
 
 def supported_variants() -> set[str]:

@@ -107,11 +107,18 @@ class _Run:
         if budgets is None:
             why = "no torch.compile peak to derive a budget from"
             return results + [_skipped(model, config, self.settings, why) for config in graphopt_configs]
-        specs = []
+        specs, skipped = [], []
         for config in graphopt_configs:
-            fraction = CONFIGURATIONS[config].settings["fraction"]
+            settings = CONFIGURATIONS[config].settings
+            if "at" in settings:
+                if settings["at"] not in budgets.peaks:
+                    skipped.append(_skipped(model, config, self.settings, f"no {settings['at']} peak in this run"))
+                    continue
+                specs.append((model, config, {"budget_bytes": budgets.peaks[settings["at"]], "budget_at": settings["at"]}))
+                continue
+            fraction = settings["fraction"]
             specs.append((model, config, {"budget_bytes": budgets.bytes_at(fraction), "budget_fraction": fraction}))
-        return results + self._phase(specs)
+        return results + skipped + self._phase(specs)
 
     def _phase(self, specs: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
         with ThreadPoolExecutor(max_workers=max(len(specs), 1)) as pool:
@@ -155,6 +162,7 @@ class Budgets:
 
     compile_peak_bytes: int
     lowest_peak_bytes: int
+    peaks: dict[str, int]  # every torch configuration's measured peak, with static bytes
 
     def bytes_at(self, fraction: float) -> int:
         return round(self.lowest_peak_bytes + fraction * (self.compile_peak_bytes - self.lowest_peak_bytes))
@@ -170,7 +178,7 @@ def graphopt_budgets(torch_results: list[dict[str, Any]]) -> Budgets | None:
     if REFERENCE not in measured:
         return None
     savers = [peak for config, peak in measured.items() if config != "eager"]
-    return Budgets(compile_peak_bytes=measured[REFERENCE], lowest_peak_bytes=min(savers))
+    return Budgets(compile_peak_bytes=measured[REFERENCE], lowest_peak_bytes=min(savers), peaks=measured)
 
 
 # ---------------------------------------------------------------- tables

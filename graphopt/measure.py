@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import torch_private
 from .errors import GraphoptError
 
 _CLEAR_REFS_PATH = "/proc/self/clear_refs"
@@ -47,11 +48,14 @@ class PeakMemory:
     peak_bytes: int
     baseline_bytes: int
     device: str  # "cuda:0" or "cpu"
-    method: str  # "torch.cuda.max_memory_allocated" or "VmHWM"
+    method: str  # "torch.cuda.max_memory_allocated", "VmHWM" or "allocator (profiler)"
+
+
+CPU_METHODS = ("resident", "allocated")
 
 
 def measure_peak(
-    fn: Callable[[], object], *, device: str | torch.device | None = None
+    fn: Callable[[], object], *, device: str | torch.device | None = None, cpu_method: str = "resident"
 ) -> tuple[object, PeakMemory]:
     """Call ``fn()`` and return its result with the peak memory it used above the baseline.
 
@@ -63,10 +67,23 @@ def measure_peak(
     so that large tensors are mmapped and freed memory leaves the process; without it
     freed tensors may stay resident and the peak is overstated (a warning says so once).
     The CPU figure is the whole process's: other threads' allocations during the call count.
+
+    ``cpu_method="allocated"`` measures on CPU what ``max_memory_allocated`` measures on
+    CUDA instead: the peak of bytes torch's CPU allocator handed out during the call,
+    replayed from the profiler's allocation events (``baseline_bytes`` is then 0; the
+    call runs slower under the profiler). Memory that is not a tensor's (Python objects,
+    a library's own buffers) is not in it. The resident high-water mark counts
+    everything, but on some machines it has read well below the tensors the call held
+    (80 MB for a step whose allocations peaked at 102 MB; docs/benchmarks.md).
     """
+    if cpu_method not in CPU_METHODS:
+        raise GraphoptError(f"cpu_method={cpu_method!r}; choose one of {CPU_METHODS}")
     resolved = _resolve_device(device)
     if resolved.type == "cuda":
         return _measure_cuda(fn, resolved)
+    if resolved.type == "cpu" and cpu_method == "allocated":
+        result, peak_bytes = torch_private.cpu_allocated_peak(fn)
+        return result, PeakMemory(peak_bytes=peak_bytes, baseline_bytes=0, device="cpu", method="allocator (profiler)")
     if resolved.type == "cpu":
         return _measure_cpu(fn)
     raise GraphoptError(

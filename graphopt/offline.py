@@ -81,6 +81,9 @@ def plan_model(
 def options_for(model: torch.nn.Module, **settings: Any) -> Options:
     """``Options`` from ``graphopt.compile``'s names, counting the whole model's static memory."""
     static = static_memory(model)
+    # Planning offline judges splits by graphopt's simulation: it plans for devices it
+    # may not have, and composes deep models from per-node timelines (blocks.py).
+    settings = {"prediction": "simulation", **settings}
     return make_options(settings, model_static_bytes=static["parameters"] + static["buffers"])
 
 

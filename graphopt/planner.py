@@ -25,6 +25,7 @@ from .budget import format_bytes
 from .config import Options
 from .cost_models import MeasuredCostModel, estimate_node_cost
 from .cost_models.memory import graph_timeline, storage_owner
+from .cost_models.wrapper_memory import wrapper_timeline
 from .errors import BudgetInfeasibleError, GraphoptError, PlanMismatchError, ReplanEarlierGraphs
 from .passes.optimizer_in_backward import GraphParameters, GraphUpdates, OptimizerInBackward, apply_optimizer_in_backward, place_updates
 from .passes.reorder import reorder_graph
@@ -233,7 +234,7 @@ def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis
         analysis = _learn_from_min_cut(analysis, solution)
         solution, forward, backward, predicted_peak = _solve_and_split(joint, analysis, options, predicted_peak, clock)
     reordering = forward.meta.get(_REORDERING, ())
-    plan = build_plan(graph_name, analysis, solution, predicted_peak, forward, backward, reordering)
+    plan = build_plan(joint, options, graph_name, analysis, solution, predicted_peak, forward, backward, reordering)
     return plan, forward, backward
 
 
@@ -256,7 +257,7 @@ def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options):
     solution = Solution(actions, max(timeline), added_ms, "torch-min-cut")
     if options.reorder:
         _reorder(analysis, forward, backward)
-    return solution, forward, backward, _simulate(analysis, forward, backward)
+    return solution, forward, backward, _simulate(joint, analysis, forward, backward, options)
 
 
 def _apply_given(joint, analysis: Analysis, given: dict[str, str], graph_name: str, options: Options):
@@ -446,22 +447,68 @@ def _split_and_simulate(joint, analysis: Analysis, solution: Solution, options: 
     backward = place_updates(backward, joint)
     if options.reorder:
         _reorder(analysis, forward, backward)
-    return forward, backward, _simulate(analysis, forward, backward)
+    return forward, backward, _simulate(joint, analysis, forward, backward, options)
 
 
-def _simulate(analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule) -> int:
+def _simulate(joint, analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule, options: Options) -> int:
     """Peak of the real split graphs, freed as Inductor frees them."""
-    return max(_simulated_timeline(analysis, forward, backward))
+    return max(_simulated_timeline(joint, analysis, forward, backward, options))
 
 
-def _simulated_timeline(analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule) -> list[int]:
-    """Bytes in use after each node of the forward, then of the backward, static included."""
+def _simulated_timeline(joint, analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule, options: Options) -> list[int]:
+    """Bytes in use after each step of the forward, then of the backward, static included."""
     static = analysis.static_bytes + analysis.extra_static_bytes
-    forward_steps = graph_timeline(forward)
+    forward_steps, backward_steps = _graph_timelines(joint, analysis, forward, backward, options)
+    forward_steps = list(forward_steps)
     if analysis.room_after_forward and forward_steps:  # later graphs run beside what it keeps
         forward_steps.append(forward_steps[-1] + analysis.room_after_forward)
-    steps = forward_steps + graph_timeline(backward, _backward_owned_inputs(analysis, backward))
+    steps = forward_steps + list(backward_steps)
     return [static + live for live in steps] or [static]
+
+
+_TIMELINES = "graphopt_timelines"  # forward.meta key: both graphs' timelines, once computed
+
+
+def _graph_timelines(joint, analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule, options: Options):
+    """Bytes each graph holds after each of its steps (its own buffers and the inputs it
+    owns). With Inductor, from the wrapper code Inductor generates for the graphs
+    (statements); otherwise, or where that fails, graphopt's simulation of the FX graphs
+    (nodes, ``graph_timeline``)."""
+    cached = forward.meta.get(_TIMELINES)
+    if cached is not None:
+        return cached
+    owned = _backward_owned_inputs(analysis, backward)
+    timelines = None
+    if options.compiler == "inductor" and options.prediction == "code":
+        timelines = _inductor_timelines(joint, forward, backward, owned, keep_order=options.memory_budget_bytes is not None)
+    if timelines is None:
+        timelines = (graph_timeline(forward), graph_timeline(backward, owned))
+    forward.meta[_TIMELINES] = timelines
+    return timelines
+
+
+def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule, owned: dict, *, keep_order: bool):
+    """Both graphs' timelines replayed from the wrapper code Inductor generates for them
+    (no kernel is compiled), or None, with a warning, where Inductor cannot generate it
+    here."""
+    try:
+        donated = torch_private.backward_donated_inputs(forward, backward, joint.num_fwd_outputs)
+        code = torch_private.generate_wrapper_code(forward, keep_order=keep_order)
+        forward_steps = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides)
+        code = torch_private.generate_wrapper_code(backward, donated, is_backward=True, keep_order=keep_order)
+        return forward_steps, wrapper_timeline(code.source, code.buffer_bytes, owned, code.strides)
+    except Exception as error:  # noqa: BLE001 - any failure falls back to the simulation, said once
+        _warn_no_wrapper(f"{type(error).__name__}: {error}")
+        return None
+
+
+@functools.cache
+def _warn_no_wrapper(reason: str) -> None:
+    log.warning(
+        "graphopt could not read Inductor's generated code to predict the peak (%s); it predicts with its own "
+        "simulation of the graphs instead, which has been off by up to 5%% on recompute-heavy plans",
+        reason,
+    )
 
 
 _REORDERING = "graphopt_reordering"  # forward.meta key: what `_reorder` did to the split
@@ -567,6 +614,8 @@ def _memory_no_decision_changes(analysis: Analysis, *, gradients: bool) -> dict[
 
 
 def build_plan(
+    joint,
+    options: Options,
     graph: str,
     analysis: Analysis,
     solution: Solution,
@@ -598,6 +647,9 @@ def build_plan(
             )
         )
     memory = _memory_no_decision_changes(analysis, gradients=True)
+    timeline = _simulated_timeline(joint, analysis, forward, backward, options)
+    forward_steps, _ = _graph_timelines(joint, analysis, forward, backward, options)
+    num_forward_steps = len(forward_steps) + (1 if analysis.room_after_forward and forward_steps else 0)
     return Plan(
         graph=graph,
         budget_bytes=problem.budget_bytes,
@@ -608,8 +660,8 @@ def build_plan(
         memory=memory,
         decisions=tuple(decisions),
         # The simulation of the split graphs in their final order, as predicted_peak is.
-        timeline_bytes=tuple(_simulated_timeline(analysis, forward, backward)),
-        num_forward_steps=len(forward.graph.nodes),
+        timeline_bytes=tuple(timeline),
+        num_forward_steps=num_forward_steps,
         reordering=reordering,
     )
 

@@ -13,6 +13,7 @@ import functools
 import inspect
 import operator
 import re
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -588,6 +589,116 @@ def _sizing_pass() -> Any:
             return "graphopt-size-buffers-for-reuse-1"
 
     return SizeBuffersForReuse()
+
+
+@dataclasses.dataclass(frozen=True)
+class WrapperCode:
+    """The Python wrapper Inductor generated for a graph, and by name, for its buffers
+    and inputs, the bytes of their storage and their strides."""
+
+    source: str
+    buffer_bytes: dict[str, int]
+    strides: dict[str, tuple[int, ...]]
+
+
+def generate_wrapper_code(
+    graph_module: fx.GraphModule, donated: Sequence[int] = (), *, is_backward: bool = False, keep_order: bool = False
+) -> WrapperCode:
+    """The Python wrapper Inductor generates for one forward or backward graph, without
+    compiling a kernel, and the storage bytes and strides of its buffers and inputs.
+
+    The graph is lowered and scheduled as ``compile_fx_inner`` would (post-grad passes,
+    fusion, in-place and buffer-reuse planning, the order settings graphopt compiles it
+    with); only the kernels' compilation and the module's loading are left out. Works on
+    a copy: the post-grad passes rewrite the graph they are given. `donated`: the
+    backward's inputs AOTAutograd donates to it (``backward_donated_inputs``), whose
+    buffers Inductor may write over. `keep_order`: compiled as ``keep_order_through_inductor``
+    makes it (the graph's meta may say so too).
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor import ir
+    from torch._inductor.compile_fx import _recursive_post_grad_passes
+    from torch._inductor.debug import DebugContext
+    from torch._inductor.graph import GraphLowering
+    from torch._inductor.virtualized import V
+
+    from .cost_models.wrapper_memory import storage_bytes
+
+    copy, _ = copy_graph_module(graph_module)
+    copy.meta.update(graph_module.meta)
+    placeholders = copy.graph.find_nodes(op="placeholder")
+    inputs = [node.meta["val"] for node in placeholders]
+    fake_mode = torch._guards.detect_fake_mode(inputs) or FakeTensorMode()
+    patches = {}
+    if keep_order or graph_module.meta.get(_KEEP_ORDER_META):
+        patches = {"reorder_for_peak_memory": False, **_buffer_reuse_guard(inductor_config)}
+    context = torch._guards.TracingContext(fake_mode)
+    context.fw_metadata = types.SimpleNamespace(bw_donated_idxs=list(donated))  # what get_donated_idxs() reads
+    with torch._guards.tracing(context), V.set_fake_mode(fake_mode), DebugContext(), inductor_config.patch(patches):
+        _recursive_post_grad_passes(copy, is_inference=False)
+        graph = GraphLowering(copy, example_inputs=inputs, shape_env=fake_mode.shape_env, is_inference=False, is_backward=is_backward)
+        with V.set_graph_handler(graph):
+            graph.run(*inputs)
+            wrapper, _ = graph.codegen()
+            sizes, strides = {}, {}
+            # The method's name changed across releases (size_hint before 2.13).
+            hint = getattr(graph.sizevars, "optimization_hint", None) or graph.sizevars.size_hint
+            for name, buffer in graph.name_to_buffer.items():
+                layout = getattr(buffer, "layout", None)  # get_layout() raises on a multi-output op
+                if isinstance(layout, ir.Layout):
+                    size, stride = [hint(s) for s in layout.size], tuple(hint(s) for s in layout.stride)
+                    sizes[name] = storage_bytes(size, stride, layout.dtype, hint(layout.offset))
+                    strides[name] = stride
+    for node, value in zip(placeholders, inputs):
+        if isinstance(value, torch.Tensor):
+            stride = tuple(int(s) for s in value.stride())
+            sizes[node.name] = storage_bytes([int(s) for s in value.shape], stride, value.dtype, int(value.storage_offset()))
+            strides[node.name] = stride
+    return WrapperCode(wrapper.value, sizes, strides)
+
+
+def cpu_allocated_peak(fn: Callable[[], object]) -> tuple[object, int]:
+    """Call ``fn()`` under torch's profiler and return its result with the peak of bytes
+    the CPU allocator had handed out during the call above what it had before: every
+    allocation and free the profiler records (``profile_memory``), replayed in time
+    order. The CPU's analogue of ``torch.cuda.max_memory_allocated``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        result = fn()
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, change in events:
+        live += change
+        peak = max(peak, live)
+    return result, peak
+
+
+def backward_donated_inputs(forward: fx.GraphModule, backward: fx.GraphModule, num_fwd_outputs: int) -> list[int]:
+    """Positions of the backward's inputs AOTAutograd donates to it: saved tensors that
+    alias no forward input, user output or gradient (``collect_bw_donated_buffer_idxs``,
+    which reads metadata only set after partitioning)."""
+    from torch._functorch._aot_autograd.graph_compile import collect_fw_donated_buffer_idxs
+
+    if not _functorch_config.donated_buffer:
+        return []
+    values = lambda nodes: [n.meta.get("val") if isinstance(n, fx.Node) else None for n in nodes]  # noqa: E731
+    forward_outputs = next(reversed(forward.graph.find_nodes(op="output"))).args[0]
+    backward_outputs = next(reversed(backward.graph.find_nodes(op="output"))).args[0]
+    backward_inputs = backward.graph.find_nodes(op="placeholder")
+    symbols = sum(1 for node in backward_inputs if is_sym_node(node))
+    saved = [n for n in backward_inputs[symbols:] if not _partitioners._is_tangent(n) and not is_sym_node(n)]
+    donated = collect_fw_donated_buffer_idxs(
+        values(forward.graph.find_nodes(op="placeholder")),
+        values(forward_outputs[:num_fwd_outputs]),
+        values(backward_outputs),
+        values(forward_outputs[num_fwd_outputs : num_fwd_outputs + len(saved)]),
+    )
+    return [symbols + i for i in donated]
 
 
 # ----------------------------------------------------------------------------- parameter names (sparse backward)

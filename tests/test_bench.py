@@ -86,7 +86,8 @@ def test_graphopt_budgets_span_torch_lowest_to_torch_compile():
         {"model": "m", "config": "checkpoint-selective", "error": "failed"},
     ]
     budgets = graphopt_budgets(results)
-    assert budgets == Budgets(compile_peak_bytes=1000, lowest_peak_bytes=400)
+    peaks = {"eager": 150, "compile": 1000, "torch-amb-0.5": 600, "checkpoint-full": 400}
+    assert budgets == Budgets(compile_peak_bytes=1000, lowest_peak_bytes=400, peaks=peaks)
     assert [budgets.bytes_at(f) for f in (1.0, 0.5, 0.0, -0.2)] == [1000, 700, 400, 280]
     assert graphopt_budgets([_result("eager", 50, 1.0)]) is None
 

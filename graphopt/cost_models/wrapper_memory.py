@@ -1,0 +1,281 @@
+"""Device memory over time, read from the wrapper code Inductor generated for a graph.
+
+Inductor's Python wrapper is a straight-line function ``call(args)`` that allocates
+every buffer (``bufN = empty_strided_cpu(sizes, strides, dtype)``), calls kernels,
+aliases buffers (``reinterpret_tensor``, ``bufM = bufN; del bufN  # reuse``), binds the
+outputs of multi-output extern kernels (``bufM = bufN[0]``) and frees each buffer with
+``del`` after its last use. Replaying those statements gives the bytes the graph holds
+after each of them: Inductor's own fusion, in-place and buffer-reuse decisions, not a
+model of them. The replay reads the source text only; sizes it cannot read from an
+allocation (what an extern kernel allocates itself) come from `buffer_bytes`, which the
+caller takes from Inductor's buffers (``torch_private.generate_wrapper_code``).
+
+What no wrapper line shows is memory an extern kernel takes for itself while it runs.
+``EXTERN_SCRATCH`` models it per op, each rule measured against torch's allocator
+(tests/test_wrapper_memory.py): it is held for the statement that calls the op.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+
+_ALIASING_CALLS = {"reinterpret_tensor", "as_strided", "view", "reshape", "expand", "permute", "squeeze", "unsqueeze"}
+
+
+class WrapperParseError(ValueError):
+    """The wrapper code does not have the shape the replay reads."""
+
+
+@dataclasses.dataclass
+class _Storage:
+    """One allocation, alive while any name or tuple refers to it."""
+
+    bytes: int
+    references: int = 0
+
+
+def _flash_attention_backward_scratch(replay: _Replay, call: ast.Call) -> int:
+    """CPU flash attention's backward copies its output gradient (argument 0) when that
+    is not laid out as the forward's output (argument 4): measured, one more allocation
+    of the gradient's size (798,720 bytes at 16 x 3 x 65 x 64 floats), none otherwise."""
+    if len(call.args) < 5:
+        return 0
+    gradient, output = replay.strides(call.args[0]), replay.strides(call.args[4])
+    if gradient is None or output is None or gradient == output:
+        return 0
+    return replay.bytes_of(call.args[0])
+
+
+# Extern ops (by the name the wrapper calls) -> the bytes they allocate for themselves.
+EXTERN_SCRATCH = {"_scaled_dot_product_flash_attention_for_cpu_backward": _flash_attention_backward_scratch}
+
+
+class _Replay:
+    def __init__(
+        self, buffer_bytes: Mapping[str, int], input_storage: Mapping[str, object], strides: Mapping[str, tuple] | None = None
+    ):
+        self._buffer_bytes = buffer_bytes
+        self._input_storage = input_storage
+        self._strides = strides or {}
+        # Multi-output kernels' results -> {position: the name each output is bound to}.
+        self.elements: dict[str, dict[int, str]] = {}
+        self._names: dict[str, _Storage | tuple[_Storage | None, ...] | list] = {}
+        self._tuples: dict[str, list[_Storage | None]] = {}
+        self.live = 0
+        self.timeline: list[int] = []
+
+    # -- references
+    def _hold(self, storage: _Storage) -> None:
+        if storage.references == 0:
+            self.live += storage.bytes
+        storage.references += 1
+
+    def _release(self, storage: _Storage) -> None:
+        storage.references -= 1
+        if storage.references == 0:
+            self.live -= storage.bytes
+
+    def _bind(self, name: str, value: object) -> None:
+        self._unbind(name)
+        if isinstance(value, _Storage):
+            self._hold(value)
+        elif isinstance(value, list):  # a multi-output extern kernel's result
+            for element in value:
+                if element is not None:
+                    self._hold(element)
+        self._names[name] = value
+
+    def _unbind(self, name: str) -> None:
+        value = self._names.pop(name, None)
+        if isinstance(value, _Storage):
+            self._release(value)
+        elif isinstance(value, list):
+            for element in value:
+                if element is not None:
+                    self._release(element)
+
+    # -- statements
+    def inputs(self, names: list[str]) -> None:
+        shared: dict[object, _Storage] = {}
+        for name in names:
+            key = self._input_storage.get(name)
+            if key is None:  # someone else's memory (parameters, the batch): not counted
+                self._names[name] = _Storage(0)
+                continue
+            storage = shared.setdefault(key, _Storage(self._buffer_bytes.get(name, 0)))
+            self._bind(name, storage)
+
+    def assign(self, name: str, value: ast.expr) -> None:
+        self._bind(name, self._evaluate(name, value))
+
+    def delete(self, name: str) -> None:
+        self._unbind(name)
+
+    def _evaluate(self, name: str, value: ast.expr) -> object:
+        if isinstance(value, ast.Name):
+            return self._names.get(value.id, _Storage(0))
+        if isinstance(value, ast.Subscript) and isinstance(value.value, ast.Name):
+            return self._element(value.value.id, value.slice, name)
+        if isinstance(value, ast.Call):
+            function = _call_name(value.func)
+            if function.startswith("empty_strided") or function == "empty_strided":
+                return _Storage(_allocation_bytes(value) if _literal(value) else self._buffer_bytes.get(name, 0))
+            if function in _ALIASING_CALLS and value.args and isinstance(value.args[0], ast.Name):
+                return self._names.get(value.args[0].id, _Storage(0))
+            if isinstance(value.func, ast.Attribute) and function in _ALIASING_CALLS and isinstance(value.func.value, ast.Name):
+                return self._names.get(value.func.value.id, _Storage(0))
+            if name in self._buffer_bytes:  # an extern kernel allocating its output
+                return _Storage(self._buffer_bytes[name])
+            # A multi-output kernel allocates all its outputs as it runs; the wrapper binds
+            # them to names in the statements after it.
+            outputs: list[_Storage | None] = []
+            for position, bound in sorted(self.elements.get(name, {}).items()):
+                outputs.extend([None] * (position + 1 - len(outputs)))
+                outputs[position] = _Storage(self._buffer_bytes.get(bound, 0))
+            return outputs
+        return _Storage(0)  # a scalar, a stream, a constant
+
+    def _element(self, source: str, index: ast.expr, name: str) -> object:
+        value = self._names.get(source)
+        if not isinstance(value, list):
+            return value if isinstance(value, _Storage) else _Storage(0)
+        try:
+            position = ast.literal_eval(index)
+        except ValueError:
+            return _Storage(0)
+        if not isinstance(position, int):
+            return _Storage(0)
+        while len(value) <= position:
+            value.append(None)
+        if value[position] is None:  # first bound: the extern kernel allocated it
+            storage = _Storage(self._buffer_bytes.get(name, 0))
+            value[position] = storage
+            self._hold(storage)  # the tuple holds it until the tuple is deleted
+        return value[position]
+
+    def record(self, scratch: int = 0) -> None:
+        self.timeline.append(self.live + scratch)
+
+    def strides(self, expression: ast.expr) -> tuple | None:
+        """The strides of a tensor argument: a name's from Inductor's buffers, a
+        ``reinterpret_tensor``'s from the call."""
+        if isinstance(expression, ast.Name):
+            return self._strides.get(expression.id)
+        if isinstance(expression, ast.Call) and _call_name(expression.func) == "reinterpret_tensor" and len(expression.args) > 2:
+            try:
+                return tuple(ast.literal_eval(expression.args[2]))
+            except ValueError:
+                return None
+        return None
+
+    def bytes_of(self, expression: ast.expr) -> int:
+        """Bytes of a tensor argument's view (a name's whole buffer)."""
+        if isinstance(expression, ast.Name):
+            return self._buffer_bytes.get(expression.id, 0)
+        if isinstance(expression, ast.Call) and _call_name(expression.func) == "reinterpret_tensor" and isinstance(expression.args[0], ast.Name):
+            return self._buffer_bytes.get(expression.args[0].id, 0)
+        return 0
+
+    def scratch(self, statement: ast.stmt) -> int:
+        """Bytes an extern op the statement calls holds for itself while it runs."""
+        value = statement.value if isinstance(statement, (ast.Assign, ast.Expr)) else None
+        if not isinstance(value, ast.Call):
+            return 0
+        rule = EXTERN_SCRATCH.get(_call_name(value.func.value) if isinstance(value.func, ast.Attribute) and _call_name(value.func) == "default" else _call_name(value.func))
+        return rule(self, value) if rule is not None else 0
+
+
+def wrapper_timeline(
+    source: str, buffer_bytes: Mapping[str, int], input_storage: Mapping[str, object], strides: Mapping[str, tuple] | None = None
+) -> list[int]:
+    """Bytes the graph holds after each statement of the wrapper's ``call``.
+
+    `buffer_bytes` gives the storage bytes of Inductor's buffers and of the graph's
+    inputs by name; `input_storage` names the inputs the graph owns (the backward's
+    saved tensors and tangents), mapped to a storage key (inputs sharing one are one
+    allocation). Other inputs are someone else's memory and not counted; the graph's
+    outputs live on past its end. `strides` (by name, as `buffer_bytes`) lets the extern
+    scratch rules tell layouts apart.
+    """
+    body = _call_body(source)
+    replay = _Replay(buffer_bytes, input_storage, strides)
+    for statement in _flatten(body):
+        value = statement.value if isinstance(statement, ast.Assign) and len(statement.targets) == 1 else None
+        if isinstance(value, ast.Subscript) and isinstance(value.value, ast.Name) and isinstance(statement.targets[0], ast.Name):
+            try:
+                position = ast.literal_eval(value.slice)
+            except ValueError:
+                continue
+            if isinstance(position, int):
+                replay.elements.setdefault(value.value.id, {})[position] = statement.targets[0].id
+    for statement in _flatten(body):
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+            target = statement.targets[0]
+            if isinstance(target, ast.Tuple) and isinstance(statement.value, ast.Name) and statement.value.id == "args":
+                replay.inputs([element.id for element in target.elts if isinstance(element, ast.Name)])
+            elif isinstance(target, ast.Name):
+                replay.assign(target.id, statement.value)
+        elif isinstance(statement, ast.Delete):
+            for target in statement.targets:
+                if isinstance(target, ast.Name):
+                    replay.delete(target.id)
+        elif isinstance(statement, ast.Return):
+            replay.record()
+            break
+        replay.record(replay.scratch(statement))
+    return replay.timeline
+
+
+def _call_body(source: str) -> list[ast.stmt]:
+    """The statements of the wrapper's ``call`` (a function or a method of the runner)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == "call":
+            return node.body
+    raise WrapperParseError("the wrapper code has no call() function")
+
+
+def _flatten(statements: list[ast.stmt]):
+    """The statements in execution order; ``with`` blocks (a CUDA device guard) inlined."""
+    for statement in statements:
+        if isinstance(statement, ast.With):
+            yield from _flatten(statement.body)
+        else:
+            yield statement
+
+
+def _call_name(function: ast.expr) -> str:
+    if isinstance(function, ast.Name):
+        return function.id
+    if isinstance(function, ast.Attribute):
+        return function.attr
+    return ""
+
+
+def _literal(call: ast.Call) -> bool:
+    try:
+        ast.literal_eval(call.args[0])
+        ast.literal_eval(call.args[1])
+    except (ValueError, IndexError, SyntaxError):
+        return False
+    return True
+
+
+def _allocation_bytes(call: ast.Call) -> int:
+    """Bytes of ``empty_strided_*(sizes, strides, dtype)`` with literal sizes and strides."""
+    sizes, strides = ast.literal_eval(call.args[0]), ast.literal_eval(call.args[1])
+    dtype_node = call.args[2] if len(call.args) > 2 else None
+    dtype = getattr(torch, dtype_node.attr) if isinstance(dtype_node, ast.Attribute) else torch.float32
+    return storage_bytes(sizes, strides, dtype)
+
+
+def storage_bytes(sizes, strides, dtype: torch.dtype, offset: int = 0) -> int:
+    """Bytes a strided tensor's storage spans."""
+    if any(size == 0 for size in sizes):
+        return 0
+    elements = offset + 1 + sum((size - 1) * stride for size, stride in zip(sizes, strides))
+    return elements * torch.empty((), dtype=dtype).element_size()

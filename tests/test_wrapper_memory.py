@@ -1,0 +1,121 @@
+"""The replay of Inductor's generated wrapper code (graphopt/cost_models/wrapper_memory.py).
+
+Hand-written wrapper code in the shape Inductor generates: allocations, kernel calls,
+buffer reuse, aliasing, multi-output extern kernels, frees and donated inputs. One test
+compiles nothing but generates a real graph's wrapper with Inductor and checks the replay
+against the allocations a run of the same graph makes.
+"""
+
+import ast
+
+import pytest
+import torch
+
+from graphopt.cost_models.wrapper_memory import WrapperParseError, storage_bytes, wrapper_timeline
+
+MB = 2**20
+
+WRAPPER = """
+class Runner:
+    def call(self, args):
+        saved, weight, tangent = args
+        args.clear()
+        buf0 = empty_strided_cpu((256, 1024), (1024, 1), torch.float32)
+        cpp_fused_0(saved, tangent, buf0)
+        del tangent
+        buf1 = empty_strided_cpu((256, 1024), (1024, 1), torch.float32)
+        extern_kernels.mm(buf0, weight, out=buf1)
+        del buf0
+        buf2 = reinterpret_tensor(buf1, (1024, 256), (1, 1024), 0); del buf1  # reuse
+        buf3 = torch.ops.aten._flash_backward.default(buf2, saved)
+        del saved
+        buf4 = buf3[0]
+        buf5 = buf3[1]
+        del buf3
+        del buf5
+        del buf2
+        return (buf4, )
+"""
+
+
+def test_replay_follows_allocations_reuse_and_frees():
+    sizes = {"saved": 1 * MB, "tangent": 4, "buf4": 2 * MB, "buf5": 3 * MB}
+    timeline = wrapper_timeline(WRAPPER, sizes, {"saved": "saved", "tangent": "tangent"})
+    owned = 1 * MB + 4
+    assert timeline[0] == owned  # the inputs it owns; the weight is someone else's
+    assert timeline[6] == 3 * MB  # saved, buf0 and buf1 while mm runs (the tangent is gone)
+    assert timeline[9] == 2 * MB  # buf1 lives on as buf2 (reused); the tangent and buf0 are gone
+    # The extern kernel allocates both its outputs as it runs.
+    assert max(timeline) == timeline[10] == 7 * MB  # saved, buf2 and both outputs while it runs
+    assert timeline[14] == 6 * MB  # the tuple is gone, the names still hold its outputs
+    assert timeline[-1] == 2 * MB  # only the output lives on
+
+
+def test_inputs_sharing_a_storage_count_once():
+    source = "def call(args):\n    a, b = args\n    args.clear()\n    del a\n    del b\n    return ()\n"
+    timeline = wrapper_timeline(source, {"a": 8, "b": 8}, {"a": "s", "b": "s"})
+    assert timeline[:3] == [8, 8, 8] and timeline[3] == 0
+
+
+def test_symbolic_allocation_sizes_come_from_the_buffer_table():
+    source = "def call(args):\n    s0, = args\n    buf0 = empty_strided_cpu((s0, 4), (4, 1), torch.float32)\n    return (buf0, )\n"
+    assert max(wrapper_timeline(source, {"buf0": 96}, {})) == 96
+
+
+def test_storage_bytes_spans_strides():
+    assert storage_bytes((4, 3), (3, 1), torch.float32) == 48
+    assert storage_bytes((3, 4), (1, 3), torch.float16) == 24  # transposed: same span
+    assert storage_bytes((2, 2), (8, 1), torch.float32) == (8 + 1 + 1) * 4  # a strided slice
+    assert storage_bytes((0, 5), (5, 1), torch.float32) == 0
+
+
+def test_code_without_a_call_function_is_an_error():
+    with pytest.raises(WrapperParseError):
+        wrapper_timeline("x = 1\n", {}, {})
+
+
+@pytest.mark.inductor
+def test_generated_wrapper_replays_what_the_graph_allocates():
+    """Inductor's wrapper for a real forward graph (generated, not compiled), replayed,
+    peaks where the same graph run eagerly would: every intermediate is a buffer."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from graphopt import torch_private
+
+    def forward(x, w):
+        h = torch.mm(x, w)
+        g = torch.relu(h)
+        return (torch.mm(g, w).sum(),)
+
+    graph_module = make_fx(forward, tracing_mode="fake")(torch.randn(512, 256), torch.randn(256, 256))
+    code = torch_private.generate_wrapper_code(graph_module)
+    timeline = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides)
+    product = 512 * 256 * 4
+    # h, then the second product while h (or relu's output written over it) is read: two
+    # buffers at most; the scalar sum's buffer is a few bytes.
+    assert product <= max(timeline) <= 2 * product + 64
+
+
+def test_flash_attention_backward_scratch_is_what_the_allocator_sees():
+    """The one extern-scratch rule, checked against torch's CPU allocator: CPU flash
+    attention's backward allocates a copy of its output gradient when that is not laid
+    out as the forward's output, and nothing of that size otherwise."""
+    from graphopt import torch_private
+    from graphopt.cost_models.wrapper_memory import _flash_attention_backward_scratch, _Replay
+
+    batch, heads, sequence, width = 16, 3, 65, 64  # the suite ViT's attention
+    q, k, v = (torch.randn(batch, sequence, heads, width).transpose(1, 2) for _ in range(3))
+    out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v, 0.0, False)
+    outputs = 3 * q.numel() * 4
+    source = "f(gradient, q, k, v, out, logsumexp, 0.0, False)"
+    call = ast.parse(source).body[0].value
+    for gradient in (torch.randn_like(out), torch.randn(batch, heads, sequence, width)):
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+        _, peak = torch_private.cpu_allocated_peak(lambda: backward(gradient, q, k, v, out, logsumexp, 0.0, False))
+        replay = _Replay({"gradient": gradient.numel() * 4}, {}, {"gradient": gradient.stride(), "out": out.stride()})
+        predicted = _flash_attention_backward_scratch(replay, call)
+        copy_bytes = gradient.numel() * 4
+        assert predicted in (0, copy_bytes)
+        # What the kernel allocated beyond its three outputs: its copy (if any) and a few
+        # small buffers of its own (under a copy's size here).
+        assert predicted <= peak - outputs < predicted + copy_bytes
