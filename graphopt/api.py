@@ -30,6 +30,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     fullgraph: bool = False,
     dynamic: bool | None = None,
     compiler: str = "inductor",
+    prediction: str | None = None,
     cost_model: str = "roofline",
     reorder: bool = False,
     trainable: Any = "all",
@@ -50,6 +51,10 @@ def compile(  # noqa: A001 - mirrors torch.compile
 
     ``compiler="eager"`` skips code generation (the graphs run as Python): fast to
     compile, for checking plans and gradients; it does not free memory early.
+    ``prediction`` says how a split's peak is predicted: ``"code"`` (the default with
+    Inductor) replays the wrapper code Inductor generates for it; ``"simulation"`` (the
+    default without code generation, and what ``graphopt plan`` uses) is graphopt's own
+    simulation of the FX graphs.
     ``cost_model="measured"`` prices recomputation by timing each op on this machine
     (cached in ~/.cache/graphopt) instead of the hardware profile's roofline.
     ``reorder=True`` reorders each graph for a lower simulated peak where that beats
@@ -79,6 +84,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         hardware=hardware,
         solver_time_limit_s=solver_time_limit_s,
         compiler=compiler,
+        **({"prediction": prediction} if prediction is not None else {}),
         cost_model=cost_model,
         reorder=reorder,
         trainable=trainable,

@@ -52,7 +52,9 @@ def test_offline_plan_predicts_what_inductor_compiles():
     shape = {"batch": 4, "seq": 64, "n_layers": 2, "d_model": 64, "n_heads": 2, "vocab": 128}
     torch.manual_seed(0)
     model, inputs = build(**shape)
-    compiled = graphopt.compile(model, hardware="cpu")
+    # Offline planning judges splits by graphopt's simulation (it may plan for a device
+    # it does not have); compiled with the same prediction, both must be one plan.
+    compiled = graphopt.compile(model, hardware="cpu", prediction="simulation")
     compiled(*inputs).backward()
     with torch.device("meta"):
         meta_model, meta_inputs = build(**shape)
@@ -90,7 +92,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
     step()
     model.zero_grad(set_to_none=True)
-    _, peak = graphopt.measure_peak(lambda: compiled(x).backward())
+    _, peak = graphopt.measure_peak(lambda: compiled(x).backward(), device="cpu", cpu_method="allocated")
     plan = graphopt.plans(compiled)[0]
     print(json.dumps({
         "measured": peak.peak_bytes + parameter_bytes + x.numel() * x.element_size(),
@@ -164,13 +166,13 @@ _WIDE_MLP_SCRIPT = textwrap.dedent(
 
     step()  # warm-up: compiles
     model.zero_grad(set_to_none=True)  # the measured step allocates its gradients anew
-    _, peak = graphopt.measure_peak(step, device="cpu")
+    _, peak = graphopt.measure_peak(step, device="cpu", cpu_method="allocated")
     plan = graphopt.plans(compiled)[0]
 
     torch._dynamo.reset()
     model(x).backward()
     model.zero_grad(set_to_none=True)
-    _, eager_peak = graphopt.measure_peak(lambda: model(x).backward(), device="cpu")
+    _, eager_peak = graphopt.measure_peak(lambda: model(x).backward(), device="cpu", cpu_method="allocated")
 
     static = parameter_bytes + input_bytes  # resident before the step: excluded by measure_peak
     print(json.dumps({
@@ -245,7 +247,7 @@ _VIT_SCRIPT = textwrap.dedent(
 
     step()
     model.zero_grad(set_to_none=True)
-    _, peak = graphopt.measure_peak(step, device="cpu")
+    _, peak = graphopt.measure_peak(step, device="cpu", cpu_method="allocated")
     (plan,) = graphopt.plans(compiled)
     reference(*inputs).backward()
     grads_equal = all(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from graphopt.measure import PeakMemory, measure_peak
 
 MB = 1_000_000
@@ -101,3 +103,27 @@ def test_without_proc_clear_refs_it_says_to_use_linux(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     with pytest.raises(GraphoptError, match="Linux"):
         measure_peak(lambda: None, device="cpu")
+
+
+def test_allocated_peak_counts_the_tensors_a_call_holds_at_once():
+    """cpu_method="allocated": the CPU allocator's peak during the call above what was
+    allocated before it, as max_memory_allocated is on CUDA."""
+    import graphopt
+
+    kept = torch.ones(1_000_000)  # allocated before: not counted
+
+    def step():
+        a = torch.ones(1_000_000)
+        b = torch.ones(2_000_000)
+        del a
+        c = torch.ones(500_000)
+        return float(b.sum() + c.sum())
+
+    result, memory = measure_peak(step, device="cpu", cpu_method="allocated")
+    assert result == 2_500_000.0
+    assert memory.peak_bytes >= 12_000_000  # a and b together
+    assert memory.peak_bytes < 12_000_000 + 100_000  # not c on top, not `kept`
+    assert memory.method == "allocator (profiler)"
+    assert kept.numel() == 1_000_000
+    with pytest.raises(graphopt.GraphoptError):
+        measure_peak(step, device="cpu", cpu_method="rss")
