@@ -494,9 +494,9 @@ def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule
     try:
         donated = torch_private.backward_donated_inputs(forward, backward, joint.num_fwd_outputs)
         code = torch_private.generate_wrapper_code(forward, keep_order=keep_order)
-        forward_steps = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides)
+        forward_steps = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides, code.shapes)
         code = torch_private.generate_wrapper_code(backward, donated, is_backward=True, keep_order=keep_order)
-        return forward_steps, wrapper_timeline(code.source, code.buffer_bytes, owned, code.strides)
+        return forward_steps, wrapper_timeline(code.source, code.buffer_bytes, owned, code.strides, code.shapes)
     except Exception as error:  # noqa: BLE001 - any failure falls back to the simulation, said once
         _warn_no_wrapper(f"{type(error).__name__}: {error}")
         return None

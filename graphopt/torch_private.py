@@ -599,6 +599,7 @@ class WrapperCode:
     source: str
     buffer_bytes: dict[str, int]
     strides: dict[str, tuple[int, ...]]
+    shapes: dict[str, tuple[int, ...]]
 
 
 def generate_wrapper_code(
@@ -640,7 +641,7 @@ def generate_wrapper_code(
         with V.set_graph_handler(graph):
             graph.run(*inputs)
             wrapper, _ = graph.codegen()
-            sizes, strides = {}, {}
+            sizes, strides, shapes = {}, {}, {}
             # The method's name changed across releases (size_hint before 2.13).
             hint = getattr(graph.sizevars, "optimization_hint", None) or graph.sizevars.size_hint
             for name, buffer in graph.name_to_buffer.items():
@@ -648,13 +649,13 @@ def generate_wrapper_code(
                 if isinstance(layout, ir.Layout):
                     size, stride = [hint(s) for s in layout.size], tuple(hint(s) for s in layout.stride)
                     sizes[name] = storage_bytes(size, stride, layout.dtype, hint(layout.offset))
-                    strides[name] = stride
+                    strides[name], shapes[name] = stride, tuple(size)
     for node, value in zip(placeholders, inputs):
         if isinstance(value, torch.Tensor):
-            stride = tuple(int(s) for s in value.stride())
-            sizes[node.name] = storage_bytes([int(s) for s in value.shape], stride, value.dtype, int(value.storage_offset()))
-            strides[node.name] = stride
-    return WrapperCode(wrapper.value, sizes, strides)
+            stride, shape = tuple(int(s) for s in value.stride()), tuple(int(s) for s in value.shape)
+            sizes[node.name] = storage_bytes(shape, stride, value.dtype, int(value.storage_offset()))
+            strides[node.name], shapes[node.name] = stride, shape
+    return WrapperCode(wrapper.value, sizes, strides, shapes)
 
 
 def cpu_allocated_peak(fn: Callable[[], object]) -> tuple[object, int]:

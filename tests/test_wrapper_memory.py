@@ -89,7 +89,7 @@ def test_generated_wrapper_replays_what_the_graph_allocates():
 
     graph_module = make_fx(forward, tracing_mode="fake")(torch.randn(512, 256), torch.randn(256, 256))
     code = torch_private.generate_wrapper_code(graph_module)
-    timeline = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides)
+    timeline = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides, code.shapes)
     product = 512 * 256 * 4
     # h, then the second product while h (or relu's output written over it) is read: two
     # buffers at most; the scalar sum's buffer is a few bytes.
@@ -98,8 +98,8 @@ def test_generated_wrapper_replays_what_the_graph_allocates():
 
 def test_flash_attention_backward_scratch_is_what_the_allocator_sees():
     """The one extern-scratch rule, checked against torch's CPU allocator: CPU flash
-    attention's backward allocates a copy of its output gradient when that is not laid
-    out as the forward's output, and nothing of that size otherwise."""
+    attention's backward allocates a copy of its output gradient unless that is laid out
+    batch, sequence, heads, width in memory, and nothing of that size otherwise."""
     from graphopt import torch_private
     from graphopt.cost_models.wrapper_memory import _flash_attention_backward_scratch, _Replay
 
@@ -109,13 +109,21 @@ def test_flash_attention_backward_scratch_is_what_the_allocator_sees():
     outputs = 3 * q.numel() * 4
     source = "f(gradient, q, k, v, out, logsumexp, 0.0, False)"
     call = ast.parse(source).body[0].value
-    for gradient in (torch.randn_like(out), torch.randn(batch, heads, sequence, width)):
+    layouts = [
+        torch.randn(batch, sequence, heads, width).transpose(1, 2),  # batch, sequence, heads, width: no copy
+        torch.randn(batch, heads, sequence, width),  # contiguous: copied
+        torch.randn(sequence, batch, heads, width).permute(1, 2, 0, 3),  # nn.MultiheadAttention's: copied
+    ]
+    copies = []
+    for gradient in layouts:
         backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
         _, peak = torch_private.cpu_allocated_peak(lambda: backward(gradient, q, k, v, out, logsumexp, 0.0, False))
-        replay = _Replay({"gradient": gradient.numel() * 4}, {}, {"gradient": gradient.stride(), "out": out.stride()})
+        replay = _Replay({"gradient": gradient.numel() * 4}, {}, {"gradient": gradient.stride()}, {"gradient": tuple(gradient.shape)})
         predicted = _flash_attention_backward_scratch(replay, call)
         copy_bytes = gradient.numel() * 4
         assert predicted in (0, copy_bytes)
         # What the kernel allocated beyond its three outputs: its copy (if any) and a few
         # small buffers of its own (under a copy's size here).
         assert predicted <= peak - outputs < predicted + copy_bytes
+        copies.append(predicted > 0)
+    assert copies == [False, True, True]

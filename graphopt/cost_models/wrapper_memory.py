@@ -39,13 +39,18 @@ class _Storage:
 
 
 def _flash_attention_backward_scratch(replay: _Replay, call: ast.Call) -> int:
-    """CPU flash attention's backward copies its output gradient (argument 0) when that
-    is not laid out as the forward's output (argument 4): measured, one more allocation
-    of the gradient's size (798,720 bytes at 16 x 3 x 65 x 64 floats), none otherwise."""
-    if len(call.args) < 5:
+    """CPU flash attention's backward copies its output gradient (argument 0, shaped
+    batch x heads x sequence x width) unless that is laid out batch, sequence, heads,
+    width in memory: measured, one more allocation of the gradient's size (798,720
+    bytes at 16 x 3 x 65 x 64 floats) for a gradient in any other order, none otherwise."""
+    if not call.args:
         return 0
-    gradient, output = replay.strides(call.args[0]), replay.strides(call.args[4])
-    if gradient is None or output is None or gradient == output:
+    shape, strides = replay.shape(call.args[0]), replay.strides(call.args[0])
+    if shape is None or strides is None or len(shape) != 4:
+        return 0
+    batch, heads, sequence, width = shape
+    expected = (sequence * heads * width, width, heads * width, 1)
+    if all(size == 1 or stride == want for size, stride, want in zip(shape, strides, expected)):
         return 0
     return replay.bytes_of(call.args[0])
 
@@ -56,11 +61,16 @@ EXTERN_SCRATCH = {"_scaled_dot_product_flash_attention_for_cpu_backward": _flash
 
 class _Replay:
     def __init__(
-        self, buffer_bytes: Mapping[str, int], input_storage: Mapping[str, object], strides: Mapping[str, tuple] | None = None
+        self,
+        buffer_bytes: Mapping[str, int],
+        input_storage: Mapping[str, object],
+        strides: Mapping[str, tuple] | None = None,
+        shapes: Mapping[str, tuple] | None = None,
     ):
         self._buffer_bytes = buffer_bytes
         self._input_storage = input_storage
         self._strides = strides or {}
+        self._shapes = shapes or {}
         # Multi-output kernels' results -> {position: the name each output is bound to}.
         self.elements: dict[str, dict[int, str]] = {}
         self._names: dict[str, _Storage | tuple[_Storage | None, ...] | list] = {}
@@ -163,11 +173,19 @@ class _Replay:
     def strides(self, expression: ast.expr) -> tuple | None:
         """The strides of a tensor argument: a name's from Inductor's buffers, a
         ``reinterpret_tensor``'s from the call."""
+        return self._layout(expression, self._strides, 2)
+
+    def shape(self, expression: ast.expr) -> tuple | None:
+        """The sizes of a tensor argument, as `strides` finds them."""
+        return self._layout(expression, self._shapes, 1)
+
+    @staticmethod
+    def _layout(expression: ast.expr, table: Mapping[str, tuple], position: int) -> tuple | None:
         if isinstance(expression, ast.Name):
-            return self._strides.get(expression.id)
+            return table.get(expression.id)
         if isinstance(expression, ast.Call) and _call_name(expression.func) == "reinterpret_tensor" and len(expression.args) > 2:
             try:
-                return tuple(ast.literal_eval(expression.args[2]))
+                return tuple(ast.literal_eval(expression.args[position]))
             except ValueError:
                 return None
         return None
@@ -190,7 +208,11 @@ class _Replay:
 
 
 def wrapper_timeline(
-    source: str, buffer_bytes: Mapping[str, int], input_storage: Mapping[str, object], strides: Mapping[str, tuple] | None = None
+    source: str,
+    buffer_bytes: Mapping[str, int],
+    input_storage: Mapping[str, object],
+    strides: Mapping[str, tuple] | None = None,
+    shapes: Mapping[str, tuple] | None = None,
 ) -> list[int]:
     """Bytes the graph holds after each statement of the wrapper's ``call``.
 
@@ -198,11 +220,11 @@ def wrapper_timeline(
     inputs by name; `input_storage` names the inputs the graph owns (the backward's
     saved tensors and tangents), mapped to a storage key (inputs sharing one are one
     allocation). Other inputs are someone else's memory and not counted; the graph's
-    outputs live on past its end. `strides` (by name, as `buffer_bytes`) lets the extern
-    scratch rules tell layouts apart.
+    outputs live on past its end. `strides` and `shapes` (by name, as `buffer_bytes`) let
+    the extern scratch rules tell layouts apart.
     """
     body = _call_body(source)
-    replay = _Replay(buffer_bytes, input_storage, strides)
+    replay = _Replay(buffer_bytes, input_storage, strides, shapes)
     for statement in _flatten(body):
         value = statement.value if isinstance(statement, ast.Assign) and len(statement.targets) == 1 else None
         if isinstance(value, ast.Subscript) and isinstance(value.value, ast.Name) and isinstance(statement.targets[0], ast.Name):
