@@ -32,7 +32,7 @@ def timed(arguments: list[str], timeout_s: float) -> tuple[float, int | None, st
     started = time.perf_counter()
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "graphopt.cli", "plan", *arguments],
+            [sys.executable, "-m", "graphopt", "plan", *arguments],
             cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
