@@ -132,7 +132,7 @@ class _Replay:
             return self._element(value.value.id, value.slice, name)
         if isinstance(value, ast.Call):
             function = _call_name(value.func)
-            if function.startswith("empty_strided") or function == "empty_strided":
+            if function.startswith("empty_strided"):
                 return _Storage(_allocation_bytes(value) if _literal(value) else self._buffer_bytes.get(name, 0))
             if function in _ALIASING_CALLS and value.args and isinstance(value.args[0], ast.Name):
                 return self._names.get(value.args[0].id, _Storage(0))
@@ -203,7 +203,7 @@ class _Replay:
         value = statement.value if isinstance(statement, (ast.Assign, ast.Expr)) else None
         if not isinstance(value, ast.Call):
             return 0
-        rule = EXTERN_SCRATCH.get(_call_name(value.func.value) if isinstance(value.func, ast.Attribute) and _call_name(value.func) == "default" else _call_name(value.func))
+        rule = EXTERN_SCRATCH.get(_op_name(value))
         return rule(self, value) if rule is not None else 0
 
 
@@ -276,6 +276,14 @@ def _call_name(function: ast.expr) -> str:
     if isinstance(function, ast.Attribute):
         return function.attr
     return ""
+
+
+def _op_name(call: ast.Call) -> str:
+    """The op a call names: ``torch.ops.aten.mm.default(...)`` -> ``mm``, ``f(...)`` -> ``f``."""
+    function = call.func
+    if isinstance(function, ast.Attribute) and function.attr == "default":
+        return _call_name(function.value)
+    return _call_name(function)
 
 
 def _literal(call: ast.Call) -> bool:
