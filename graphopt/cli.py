@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="keyword overrides for build(), e.g. --set batch=8 seq=4096",
     )
-    plan.add_argument("--time-limit", type=float, default=30.0, metavar="S", help="the solver's time limit per solve (default 30)")
+    plan.add_argument("--time-limit", type=float, default=30.0, metavar="S", help="planning time per graph, every solve of its repair rounds and sweep together (default 30)")
     plan.add_argument(
         "--trainable",
         metavar="SPEC",

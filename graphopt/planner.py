@@ -205,8 +205,10 @@ def partition(
         raise session.replan_request(graph_name, analysis, error) from None
     plan = dataclasses.replace(plan, pruning=pruning)
     plan = _with_optimizer_memory(plan, updates)
-    # What the forward hands on (saved tensors and outputs), alive while later graphs run.
-    session.record(plan, graph_timeline(forward)[-1] if len(forward.graph.nodes) else 0)
+    # What the forward hands on (saved tensors and outputs), alive while later graphs run:
+    # the end of the forward's timeline the plan was judged by.
+    forward_steps = forward.meta[_TIMELINES][0]
+    session.record(plan, forward_steps[-1] if forward_steps else 0)
     if options.memory_budget_bytes is not None:
         # The plan was judged in this order, which the simulation predicts exactly;
         # Inductor's own peak-memory reordering would move the peak where graphopt
@@ -649,7 +651,6 @@ def build_plan(
     memory = _memory_no_decision_changes(analysis, gradients=True)
     timeline = _simulated_timeline(joint, analysis, forward, backward, options)
     forward_steps, _ = _graph_timelines(joint, analysis, forward, backward, options)
-    num_forward_steps = len(forward_steps) + (1 if analysis.room_after_forward and forward_steps else 0)
     return Plan(
         graph=graph,
         budget_bytes=problem.budget_bytes,
@@ -661,7 +662,7 @@ def build_plan(
         decisions=tuple(decisions),
         # The simulation of the split graphs in their final order, as predicted_peak is.
         timeline_bytes=tuple(timeline),
-        num_forward_steps=num_forward_steps,
+        num_forward_steps=len(forward_steps),
         reordering=reordering,
     )
 
