@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,13 +16,16 @@ from . import __version__, torch_private
 from .config import Options, make_options
 from .passes.optimizer_in_backward import GraphParameters
 from .planner import GivenPlan, Session, partition
-from .trainable import GraphTrainable, graph_trainable, guard_frozen_rows
+from .trainable import FrozenRowsGuard, GraphTrainable, graph_trainable
 
 log = logging.getLogger("graphopt")
 
 # torch.compile(backend="graphopt", options=d) calls the backend once per graph with the
 # same dict `d`; graphs of one compiled model share a Session (and so one budget) by it.
-_SESSIONS_BY_OPTIONS: dict[int, tuple[dict, Session]] = {}
+# The registry holds each entry weakly and every graph compiled for it strongly, so an
+# entry goes when Dynamo drops those graphs (``torch._dynamo.reset()``, or its cache
+# evicting them; Dynamo, not the model, owns compiled graphs).
+_SESSIONS_BY_OPTIONS: weakref.WeakValueDictionary[int, _OptionsEntry] = weakref.WeakValueDictionary()
 
 
 class GraphoptBackend:
@@ -43,6 +48,7 @@ class GraphoptBackend:
         self._parameters = parameters
         self._names_by_id = {id(p): (name, p) for name, p in (parameters or {}).items()}
         self._selection = selection
+        self._frozen_rows = FrozenRowsGuard()  # its optimizer hook goes with this backend
 
     def replanned(self, room_after: dict[str, int]) -> GraphoptBackend:
         """A fresh backend (Dynamo compiles again for it) whose graphs leave `room_after`."""
@@ -78,7 +84,7 @@ class GraphoptBackend:
             if unmatched:
                 log.warning("trainable=%s: %s matched no parameter of this graph", spec.text, ", ".join(map(repr, unmatched)))
         trainable = graph_trainable(selection, names, example_inputs)
-        guard_frozen_rows(example_inputs[index] for index, rows in trainable.rows.items() if rows > 0)
+        self._frozen_rows.add(example_inputs[index] for index, rows in trainable.rows.items() if rows > 0)
         return trainable
 
     def _graph_parameters(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphParameters | None:
@@ -93,16 +99,36 @@ class GraphoptBackend:
         return entry[0] if entry is not None and entry[1] is value else None
 
 
+@dataclasses.dataclass(eq=False)
+class _OptionsEntry:
+    """The backend made for one ``options`` dict. A dict cannot be weakly referenced, so
+    the entry holds it: its id, the registry's key, stays unique while the entry lives."""
+
+    options: dict
+    backend: GraphoptBackend
+
+
 def graphopt_backend(graph_module: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None) -> Callable:
     """Entry point for ``torch.compile(model, backend="graphopt", options={...})``."""
     options = options if options is not None else {}
-    key = id(options)
-    if key not in _SESSIONS_BY_OPTIONS:
-        backend = GraphoptBackend(make_options(options))
-        _SESSIONS_BY_OPTIONS[key] = (options, backend)
-    return _SESSIONS_BY_OPTIONS[key][1](graph_module, example_inputs)
+    entry = _SESSIONS_BY_OPTIONS.get(id(options))
+    if entry is None:
+        entry = _OptionsEntry(options, GraphoptBackend(make_options(options)))
+        _SESSIONS_BY_OPTIONS[id(options)] = entry
+    return _holding(entry.backend(graph_module, example_inputs), entry)
+
+
+def _holding(compiled: Callable, owner: object) -> Callable:
+    """`compiled`, keeping `owner` alive for as long as Dynamo keeps the compiled graph."""
+
+    def run(*args: Any) -> Any:
+        return compiled(*args)
+
+    run.graphopt_owner = owner  # type: ignore[attr-defined]
+    return run
 
 
 def session_for_options(options: dict) -> Session | None:
+    """The Session of the graphs compiled for `options`, while any of them lives."""
     entry = _SESSIONS_BY_OPTIONS.get(id(options))
-    return entry[1].session if entry else None
+    return entry.backend.session if entry is not None else None

@@ -41,9 +41,6 @@ last use), so one running sum ``D_k`` per event keeps the program sparse: O(cand
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
-import sys
 import time
 from collections.abc import Callable
 
@@ -105,29 +102,36 @@ def least_peak(problem: Problem, *, time_limit_s: float = 30.0) -> Solution:
 
 
 def _solver(time_limit_s: float, relative_gap: float) -> pulp.LpSolver:
-    highs = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=relative_gap, output_flag=False)
+    highs = _QuietHiGHS(time_limit_s, relative_gap)
     if highs.available():
-        _spend_highs_banner()
         return highs
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=relative_gap)
 
 
-@functools.cache
-def _spend_highs_banner() -> None:
-    """HiGHS prints a banner to stdout on the first instance a process makes, before any
-    option can silence it; make that instance with stdout (the file descriptor, where
-    the C++ library writes) pointed at /dev/null."""
-    import highspy
+class _QuietHiGHS(pulp.HiGHS):
+    """pulp's HiGHS interface, silent from the start.
 
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            highspy.Highs()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+    HiGHS writes a banner to the process's stdout (the file descriptor, from C++) when a
+    ``highspy.Highs`` with output on registers its callbacks, which its constructor does
+    before pulp can pass ``output_flag=False``; so the solver object is made here, with
+    output turned off before the callbacks are registered.
+    """
+
+    def __init__(self, time_limit_s: float, relative_gap: float):
+        super().__init__(msg=False, timeLimit=time_limit_s, gapRel=relative_gap)
+
+    def createAndConfigureSolver(self, lp: pulp.LpProblem) -> None:  # noqa: N802 - pulp's name
+        import highspy
+
+        class QuietHighs(highspy.Highs):
+            def enableCallbacks(self) -> None:  # noqa: N802 - highspy's name
+                self.setOptionValue("output_flag", False)
+                super().enableCallbacks()
+
+        lp.solverModel = QuietHighs()
+        lp.solverModel.setOptionValue("output_flag", False)
+        lp.solverModel.setOptionValue("mip_rel_gap", self.gapRel)
+        lp.solverModel.setOptionValue("time_limit", float(self.timeLimit))
 
 
 def _solve_milp(problem: Problem, time_limit_s: float, relative_gap: float) -> tuple[list[str] | None, str]:

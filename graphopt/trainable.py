@@ -23,11 +23,12 @@ import dataclasses
 import fnmatch
 import math
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
 from .errors import GraphoptError
 
@@ -172,42 +173,56 @@ def trainable_rows(fraction: float, shape: Sequence[int]) -> int:
 # ----------------------------------------------------------------------------- optimizers
 
 
-_PARTIALLY_FROZEN: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-_GUARD_INSTALLED = False
-
-
-def guard_frozen_rows(parameters: Iterable[torch.Tensor]) -> None:
-    """Refuse optimizer steps that would change the frozen rows of these parameters.
+class FrozenRowsGuard:
+    """Refuses optimizer steps that would change the frozen rows of one compiled model's
+    partly trained parameters.
 
     Their gradients are zero in the frozen rows, which leaves a row unchanged under
     torch's optimizers (SGD with momentum, Adam, AdamW, RMSprop, Adagrad, ...) from a
     fresh state, except for weight decay, which shrinks every row whatever the gradient.
-    A parameter group holding such a parameter must have ``weight_decay=0``; this hook,
-    installed once with torch's public ``register_optimizer_step_pre_hook``, raises before
-    a step that breaks that. It sees every optimizer in the process but only looks at the
-    parameters registered here (held weakly).
+    A parameter group holding such a parameter must have ``weight_decay=0``; the hook
+    this guard installs with torch's public ``register_optimizer_step_pre_hook`` raises
+    before a step that breaks that. The hook sees every optimizer in the process, so it
+    looks only at the parameters added here (held weakly), holds the guard weakly, and is
+    removed when the guard is freed with the compiled model that owns it.
     """
-    global _GUARD_INSTALLED
-    parameters = list(parameters)
-    for parameter in parameters:
-        _PARTIALLY_FROZEN[id(parameter)] = parameter
-    if parameters and not _GUARD_INSTALLED:
-        register_optimizer_step_pre_hook(_check_weight_decay)
-        _GUARD_INSTALLED = True
+
+    def __init__(self) -> None:
+        self._parameters: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self._hook: RemovableHandle | None = None
+
+    def add(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Guard these parameters too; the hook goes in with the first of them."""
+        for parameter in parameters:
+            self._parameters[id(parameter)] = parameter
+        if self._parameters and self._hook is None:
+            self._hook = register_optimizer_step_pre_hook(_hook_for(weakref.ref(self)))
+            weakref.finalize(self, self._hook.remove)
+
+    def check(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise if `optimizer` would decay a guarded parameter."""
+        for group in optimizer.param_groups:
+            if not group.get("weight_decay"):
+                continue
+            for parameter in group["params"]:
+                if self._parameters.get(id(parameter)) is parameter:
+                    raise GraphoptError(
+                        f"{type(optimizer).__name__} has weight_decay={group['weight_decay']} for a parameter of "
+                        f"shape {tuple(parameter.shape)} that graphopt trains only partly (trainable= with a "
+                        "fraction): weight decay would change its frozen channels. Put such parameters in a "
+                        "parameter group with weight_decay=0."
+                    )
 
 
-def _check_weight_decay(optimizer: torch.optim.Optimizer, _args: tuple, _kwargs: dict) -> None:
-    for group in optimizer.param_groups:
-        if not group.get("weight_decay"):
-            continue
-        for parameter in group["params"]:
-            if _PARTIALLY_FROZEN.get(id(parameter)) is parameter:
-                raise GraphoptError(
-                    f"{type(optimizer).__name__} has weight_decay={group['weight_decay']} for a parameter of shape "
-                    f"{tuple(parameter.shape)} that graphopt trains only partly (trainable= with a fraction): weight "
-                    "decay would change its frozen channels. Put such parameters in a parameter group with "
-                    "weight_decay=0."
-                )
+def _hook_for(guard: weakref.ref[FrozenRowsGuard]) -> Callable[[torch.optim.Optimizer, tuple, dict], None]:
+    """An optimizer pre-step hook that checks through `guard` while it lives."""
+
+    def check(optimizer: torch.optim.Optimizer, _args: tuple, _kwargs: dict) -> None:
+        alive = guard()
+        if alive is not None:
+            alive.check(optimizer)
+
+    return check
 
 
 # ----------------------------------------------------------------------------- one graph

@@ -20,6 +20,12 @@ finished. On CUDA the copies run on one side stream into pinned memory and ``wai
 makes the compute stream wait on the copy's event; anywhere else (CPU tests) the copies
 are plain host-to-host clones and ``wait`` has nothing to wait for, so the graph
 rewrite and its gradients can be checked without a GPU.
+
+The event travels with the tensor the copy fills (an attribute of that tensor, which
+``wait`` takes off), not in a table: nothing outlives the tensors of one step, and two
+compiled models, or a tensor allocated where a freed one was, cannot see each other's
+copies. A ``wait`` handed some other alias of the copy (no event on it) waits for every
+copy queued on the side stream so far: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from torch.fx import has_side_effect
 
 from ..cost_models.memory import value_bytes
 
+# One side stream per device, shared by every compiled model: a stream is a device
+# resource like a handle, and one stream keeps the copies in the order they were issued.
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
-# Copies in flight: the event each one records, keyed by its destination's data pointer.
-_pending: dict[int, torch.cuda.Event] = {}
+# The attribute a copy's destination carries its event in, until `wait` takes it.
+_COPY_EVENT = "_graphopt_copy_event"
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -52,8 +60,18 @@ def _copy_on_side_stream(source: torch.Tensor, destination: torch.Tensor) -> tor
         destination.copy_(source, non_blocking=True)
         event = torch.cuda.Event()
         event.record(stream)
-    _pending[destination.data_ptr()] = event
+    attach_copy_event(destination, event)
     return destination
+
+
+def attach_copy_event(destination: torch.Tensor, event: object) -> None:
+    """Let `destination` carry the event its copy records, for `wait`."""
+    destination.__dict__[_COPY_EVENT] = event
+
+
+def take_copy_event(tensor: torch.Tensor) -> object | None:
+    """The event `tensor`'s copy recorded, removed from it; None when it carries none."""
+    return tensor.__dict__.pop(_COPY_EVENT, None)
 
 
 @torch.library.custom_op("graphopt::offload", mutates_args=())
@@ -90,9 +108,13 @@ _library.define("wait(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)")
 
 @torch.library.impl("graphopt::wait", "CompositeExplicitAutograd")
 def _wait(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
-    event = _pending.pop(tensor.data_ptr(), None)
+    # The copy ran on the device of the prefetched tensor, or of the offloaded source.
+    device = tensor.device if tensor.is_cuda else getattr(keepalive, "device", None)
+    event = take_copy_event(tensor)
     if event is not None:
-        torch.cuda.current_stream().wait_event(event)
+        torch.cuda.current_stream(device).wait_event(event)
+    elif device is not None and device in _side_streams:
+        torch.cuda.current_stream(device).wait_stream(_side_streams[device])
     return tensor
 
 
