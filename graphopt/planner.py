@@ -739,14 +739,8 @@ def _op_name(node: fx.Node) -> str:
 
 
 def clean_module_path(raw: str) -> str:
-    previous = None
-    path = raw
-    while path != previous:  # getattr(getattr(L['self'].a, '0'), 'b') nests
-        previous, path = path, re.sub(r"getattr\(([^,()]+), '([^']+)'\)", r"\1.\2", path)
-    path = re.sub(r"^L\['[^']+'\]", "", path)
-    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return path.strip(".")
+    """An ``nn_module_stack`` entry's Dynamo source as a ``named_modules()`` path."""
+    return torch_private.source_attribute_path(raw)
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')

@@ -1,9 +1,10 @@
 """Every use of PyTorch's private AOTAutograd / partitioner / Inductor / fake-tensor API lives here.
 
-graphopt supports torch >=2.11,<2.15. When torch changes one of these internals, this is
-the one file that changes. The rest of graphopt sees plain functions with stable
-signatures: classify a joint graph, split it given a saved set, compile with Inductor or
-without code generation.
+graphopt supports torch >=2.13,<2.16, and tests/test_torch_private.py checks every API
+used here. When torch changes one of these internals, this is the one file that
+changes. The rest of graphopt sees plain functions with stable signatures: classify a
+joint graph, split it given a saved set, compile with Inductor or without code
+generation.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import is_sym_node
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree
 from torch.utils._pytree import tree_iter
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -294,6 +296,34 @@ def checkpoint_policy(node: fx.Node) -> str | None:
 
 def is_symbol(node: fx.Node) -> bool:
     return is_sym_node(node)
+
+
+def overload_packet(node: fx.Node) -> Any:
+    """The overload packet (``aten.mm``) of a call to an op overload or packet, None for
+    anything else (Python functions, ``operator.getitem``)."""
+    if node.op != "call_function":
+        return None
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target.overloadpacket
+    if isinstance(node.target, torch._ops.OpOverloadPacket):
+        return node.target
+    return None
+
+
+def is_pointwise(node: fx.Node) -> bool:
+    """Whether the node calls an op overload tagged ``torch.Tag.pointwise``."""
+    return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags
+
+
+def map_nested(fn: Callable[[Any], Any], value: Any) -> Any:
+    """`value` with `fn` applied to every leaf of its nested tuples, lists and dicts
+    (torch's pytree, which also knows FX's immutable containers)."""
+    return _pytree.tree_map(fn, value)
+
+
+def nested_leaves(value: Any) -> list[Any]:
+    """The leaves of `value`'s nested tuples, lists and dicts, in order (torch's pytree)."""
+    return _pytree.tree_leaves(value)
 
 
 # ----------------------------------------------------------------------------- compilation
@@ -722,12 +752,20 @@ def parameter_input_names(graph_module: fx.GraphModule, example_inputs: Sequence
             names.append(None)
             continue
         text = source.name() if callable(source.name) else source.name
-        names.append(_attribute_path(text))
+        names.append(source_attribute_path(text))
     return names
 
 
-def _attribute_path(source: str) -> str:
-    path = re.sub(r"^[LG]\['[^']+'\]", "", source)
+def source_attribute_path(source: str) -> str:
+    """The dotted attribute path in a Dynamo source string, as ``named_modules()`` and
+    ``named_parameters()`` spell it: ``L['self']._modules['blocks']._modules['0']`` and
+    ``getattr(L['self'].blocks, '0')`` -> ``blocks.0`` (the path of an ``nn_module_stack``
+    entry, or of a parameter's ``grapharg.source``)."""
+    previous = None
+    path = source
+    while path != previous:  # getattr(getattr(L['self'].a, '0'), 'b') nests
+        previous, path = path, re.sub(r"getattr\(([^,()]+), '([^']+)'\)", r"\1.\2", path)
+    path = re.sub(r"^[LG]\['[^']+'\]", "", path)
     path = re.sub(r"\._(?:modules|parameters)\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     return path.strip(".")
@@ -771,15 +809,30 @@ def copy_graph_module(module: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.N
     return fx.GraphModule(module, graph), copy_of
 
 
+# The partitioner's node tags that pin a node to one side of the split
+# (``_must_be_in_forward`` / ``_must_be_in_backward`` read them), by side.
+_SIDE_TAGS = {"forward": "must_be_in_forward", "backward": "must_be_in_backward"}
+
+
+def pin_to(node: fx.Node, side: str) -> None:
+    """Make torch's split put `node` in the "forward" or the "backward" graph."""
+    node.meta["partitioner_tag"] = _SIDE_TAGS[side]
+
+
+def is_pinned_to_backward(node: fx.Node) -> bool:
+    """Whether `node` was pinned to the backward graph (``pin_to(node, "backward")``)."""
+    return node.meta.get("partitioner_tag") == _SIDE_TAGS["backward"]
+
+
 class NodeEmitter:
     """Adds ``op(*args, **kwargs)`` nodes to a graph before a given node, each with its
     FakeTensor ``meta["val"]`` (computed in the graph's own fake mode, as if traced) and
-    a partitioner tag that pins it to the forward or the backward graph."""
+    pinned to the `side` ("forward" or "backward") of the split it belongs to."""
 
-    def __init__(self, graph: fx.Graph, *, insert_before: fx.Node, tag: str):
+    def __init__(self, graph: fx.Graph, *, insert_before: fx.Node, side: str):
         self._graph = graph
         self._before = insert_before
-        self._tag = tag
+        self._side = side
 
     def __call__(self, op: Any, *args: Any, **kwargs: Any) -> fx.Node:
         values = fx.node.map_arg((args, kwargs), lambda node: node.meta["val"])
@@ -788,6 +841,6 @@ class NodeEmitter:
             node = self._graph.call_function(op, args, kwargs)
         with fake_mode:
             node.meta["val"] = op(*values[0], **values[1])
-        node.meta["partitioner_tag"] = self._tag
+        pin_to(node, self._side)
         return node
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
+from .. import torch_private
 from ..errors import HardwareError
 from .hardware import HardwareProfile
 
@@ -80,35 +80,23 @@ def _concrete(value: Any) -> Any:
     return value
 
 
-def _packet(node: fx.Node) -> Any:
-    """The overload packet (``aten.mm``) of an aten call, None for anything else."""
-    if node.op != "call_function":
-        return None
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target.overloadpacket
-    if isinstance(node.target, torch._ops.OpOverloadPacket):
-        return node.target
-    return None
-
-
 def _meta_value(arg: Any) -> Any:
     return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
 
 
 def _input_values(node: fx.Node) -> tuple[tuple, dict]:
     """The node's args and kwargs with every input node replaced by its traced value."""
-    return tree_map(_meta_value, (tuple(node.args), dict(node.kwargs)))
+    return torch_private.map_nested(_meta_value, (tuple(node.args), dict(node.kwargs)))
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    leaves, _ = tree_flatten(value)
-    return (leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
+    return (leaf for leaf in torch_private.nested_leaves(value) if isinstance(leaf, torch.Tensor))
 
 
 def node_flops(node: fx.Node) -> float:
     """FLOPs of an aten call by torch's flop formulas (and ours for ops torch has none for:
     CPU attention); 0 for ops without one."""
-    packet = _packet(node)
+    packet = torch_private.overload_packet(node)
     formula = flop_registry.get(packet) or _EXTRA_FLOP_FORMULAS.get(packet)
     if formula is None:
         return 0.0
@@ -151,10 +139,10 @@ def node_bytes_moved(node: fx.Node) -> float:
 
     An input node used twice (``x * x``) is read once: the second read hits cache.
     """
-    packet = _packet(node)
+    packet = torch_private.overload_packet(node)
     if node.op != "call_function" or _is_view(node, packet):
         return 0.0
-    input_nodes = {arg: None for arg in tree_flatten((node.args, node.kwargs))[0] if isinstance(arg, fx.Node)}
+    input_nodes = {arg: None for arg in torch_private.nested_leaves((node.args, node.kwargs)) if isinstance(arg, fx.Node)}
     read_bytes = sum(_tensor_bytes(tensor) for arg in input_nodes for tensor in _tensors(arg.meta.get("val")))
     written_bytes = sum(_tensor_bytes(tensor) for tensor in _tensors(node.meta.get("val")))
     return float(read_bytes + written_bytes)
@@ -214,7 +202,7 @@ class MeasuredCostModel:
 
     def node_cost(self, node: fx.Node) -> OpCost:
         estimate = estimate_node_cost(node, self.hardware)
-        packet = _packet(node)
+        packet = torch_private.overload_packet(node)
         if packet is None or _is_view(node, packet):
             return estimate
         key = self._cache_key(node)
@@ -231,7 +219,7 @@ class MeasuredCostModel:
     def _cache_key(self, node: fx.Node) -> str | None:
         args, kwargs = _input_values(node)
         try:
-            described = tree_map(_describe, (args, kwargs))
+            described = torch_private.map_nested(_describe, (args, kwargs))
         except _CannotBuildInputs:
             return None
         return json.dumps([str(node.target), described, self._device_name], default=str)
@@ -241,7 +229,7 @@ class MeasuredCostModel:
         args, kwargs = _input_values(node)
         try:
             index_bound = _index_bound(args, kwargs)
-            real_args, real_kwargs = tree_map(
+            real_args, real_kwargs = torch_private.map_nested(
                 lambda value: _real_value(value, self.device, generator, index_bound), (args, kwargs)
             )
             with torch.no_grad():

@@ -9,17 +9,16 @@ recomputation is cloned onto the backward side (and so on, transitively). The sa
 then holds the saved forms instead of ``x``; ``torch_private.split_joint_graph`` does
 the rest. This pass only applies the plan's actions; it decides nothing.
 
-Inserted nodes carry torch's partitioner tags (``must_be_in_forward`` /
-``must_be_in_backward``) so the split puts each on its side.
+Inserted nodes are pinned to their side of the split (``torch_private.pin_to``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import math
 from collections.abc import Sequence
 
+import networkx as nx
 import torch
 import torch.fx as fx
 
@@ -28,9 +27,6 @@ from ..cost_models.memory import HOST_MEMORY
 from ..problem import DROP, KEEP, OFFLOAD, OFFLOAD_QUANTIZED, QUANTIZE, RECOMPUTE, parse_action
 from . import offload as offload_ops
 from .quantize import dequantize, quantize
-
-FORWARD_TAG = "must_be_in_forward"
-BACKWARD_TAG = "must_be_in_backward"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,18 +82,18 @@ def _save(graph: fx.Graph, x: fx.Node, kind: str, bits: int | str | None, backwa
     split and torch's backward reordering move them next to their first use.
     """
     value = x.meta["val"]
-    forward = torch_private.NodeEmitter(graph, insert_before=x.next, tag=FORWARD_TAG)
+    forward = torch_private.NodeEmitter(graph, insert_before=x.next, side="forward")
     if kind == OFFLOAD:
         host = _offload(graph, forward, x, backward)
-        restore = torch_private.NodeEmitter(graph, insert_before=host.next, tag=BACKWARD_TAG)
+        restore = torch_private.NodeEmitter(graph, insert_before=host.next, side="backward")
         return [host], _prefetch(restore, host, value.device)
     codes, scales = quantize(x, bits, value.numel(), forward)
     if kind == QUANTIZE:
-        restore = torch_private.NodeEmitter(graph, insert_before=codes.next, tag=BACKWARD_TAG)
+        restore = torch_private.NodeEmitter(graph, insert_before=codes.next, side="backward")
         return [codes, scales], dequantize(codes, scales, bits, list(value.shape), value.dtype, restore)
     assert kind == OFFLOAD_QUANTIZED, kind
     host = _offload(graph, forward, codes, backward)
-    restore = torch_private.NodeEmitter(graph, insert_before=host.next, tag=BACKWARD_TAG)
+    restore = torch_private.NodeEmitter(graph, insert_before=host.next, side="backward")
     back = _prefetch(restore, host, value.device)
     return [host, scales], dequantize(back, scales, bits, list(value.shape), value.dtype, restore)
 
@@ -106,9 +102,9 @@ def _offload(graph: fx.Graph, forward: torch_private.NodeEmitter, x: fx.Node, ba
     """Start the copy right after `x`; wait for it after x's last forward read."""
     host = forward(offload_ops.OFFLOAD, x)
     order = _order(graph)
-    forward_readers = [u for u in x.users if u not in backward and u.meta.get("partitioner_tag") != BACKWARD_TAG]
+    forward_readers = [u for u in x.users if u not in backward and not torch_private.is_pinned_to_backward(u)]
     last_reader = max([host, *forward_readers], key=order)
-    waiter = torch_private.NodeEmitter(graph, insert_before=last_reader.next, tag=FORWARD_TAG)
+    waiter = torch_private.NodeEmitter(graph, insert_before=last_reader.next, side="forward")
     return waiter(offload_ops.WAIT, host, x)
 
 
@@ -126,7 +122,7 @@ def _clone_recomputations(graph: fx.Graph, recomputed: list[fx.Node], restored: 
         sources = [restored.get(source, source) for source in node.all_input_nodes]
         with graph.inserting_after(max(sources, key=_order(graph))):
             clone = graph.node_copy(node, lambda source: restored.get(source, source))
-        clone.meta["partitioner_tag"] = BACKWARD_TAG
+        torch_private.pin_to(clone, "backward")
         restored[node] = clone
 
 
@@ -137,18 +133,11 @@ def _sort_topologically(graph: fx.Graph) -> None:
     of a saved norm statistic), before the restored tensor it now reads.
     """
     position = {node: index for index, node in enumerate(graph.nodes)}
-    waiting = {node: len(set(node.all_input_nodes)) for node in graph.nodes}
-    ready = [(position[node], node) for node, count in waiting.items() if count == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        _, node = heapq.heappop(ready)
-        order.append(node)
-        for user in node.users:
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                heapq.heappush(ready, (position[user], user))
-    assert len(order) == len(position), "the rewritten joint graph has a cycle"
+    dependencies = nx.DiGraph()
+    dependencies.add_nodes_from(position)
+    dependencies.add_edges_from((source, node) for node in position for source in node.all_input_nodes)
+    # Of the nodes whose inputs have run, always the earliest in the graph's order.
+    order = list(nx.lexicographical_topological_sort(dependencies, key=position.__getitem__))
     for previous, node in zip(order, order[1:]):
         if previous.next is not node:
             previous.append(node)

@@ -248,7 +248,8 @@ def apply_optimizer_in_backward(joint: torch_private.JointGraph, updates: GraphU
             continue
         with graph.inserting_after(gradient):
             update = graph.call_function(torch.ops.graphopt.apply_update.default, (primal, gradient, slot, []))
-        update.meta.update(val=None, partitioner_tag="must_be_in_backward")
+        update.meta["val"] = None
+        torch_private.pin_to(update, "backward")
         outputs[first_gradient + position] = None
         _place(update, {primal} | {node for node in graph.nodes if storage_owner(node) is primal})
     output.args = (tuple(outputs),)

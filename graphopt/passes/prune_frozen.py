@@ -155,7 +155,7 @@ def _rule(node: fx.Node) -> Callable | None:
         return None
     if node.target in _RULES:
         return _RULES[node.target]
-    if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags and not node.kwargs:
+    if torch_private.is_pointwise(node) and not node.kwargs:
         return _pointwise
     return None
 

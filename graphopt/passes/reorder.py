@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import networkx as nx
 import torch.fx as fx
 
 from .. import torch_private
@@ -318,30 +319,18 @@ def _dfs(units: _Units) -> list[int]:
     weight = [
         units.allocated[u] + sum(units.buffer_bytes[b] for b in units.reads[u]) for u in range(len(units.nodes))
     ]
-    order: list[int] = []
-    seen: set[int] = set()
+
+    def smallest_first(members):
+        return sorted(members, key=lambda u: (weight[u], u))
+
+    # Edges from each unit to its predecessors, smallest first: networkx walks a node's
+    # edges, and the graph's nodes as roots, in the order they were added.
+    dependencies = nx.DiGraph()
     for segment in sorted(set(units.segment)):
-        members = [u for u in range(len(units.nodes)) if units.segment[u] == segment]
-        for root in sorted(members, key=lambda u: (weight[u], u)):
-            _visit(root, units, weight, seen, order)
-    return order
-
-
-def _visit(root: int, units: _Units, weight: list[int], seen: set[int], order: list[int]) -> None:
-    """Post-order depth-first visit without recursion (graphs have thousands of nodes)."""
-    stack = [(root, False)]
-    while stack:
-        unit, expanded = stack.pop()
-        if unit in seen and not expanded:
-            continue
-        if expanded:
-            order.append(unit)
-            continue
-        seen.add(unit)
-        stack.append((unit, True))
-        for predecessor in sorted(units.predecessors[unit], key=lambda u: (weight[u], u), reverse=True):
-            if predecessor not in seen:
-                stack.append((predecessor, False))
+        dependencies.add_nodes_from(smallest_first(u for u in range(len(units.nodes)) if units.segment[u] == segment))
+    for unit in range(len(units.nodes)):
+        dependencies.add_edges_from((unit, predecessor) for predecessor in smallest_first(units.predecessors[unit]))
+    return list(nx.dfs_postorder_nodes(dependencies))
 
 
 SCHEDULERS: dict[str, Callable[[_Units], list[int]]] = {
