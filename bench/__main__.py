@@ -33,7 +33,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--suite", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--models", help=f"comma-separated, from {sorted(MODELS)} (default: the suite's)")
     parser.add_argument("--configs", help="comma-separated names from bench/configs.py, or 'all' (default: the suite's)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration; the median counts (default 3)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration; the median counts (default 10)")
     parser.add_argument("--warmup", type=int, default=1, help="steps before measuring, the compiling one included")
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/<suite>, quick: bench/results/<suite>/quick)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, few configurations and steps")

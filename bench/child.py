@@ -20,6 +20,11 @@ merged (``run_measuring``):
 A child learns which it is from ``GRAPHOPT_BENCH_MEASURES`` (``measures``); without it
 (CUDA, where the caching allocator is unaffected, or a child started by hand) it does both.
 
+Every configuration compiles cold: ``run_measuring`` gives each call a fresh Inductor
+cache directory of its own (``TORCHINDUCTOR_CACHE_DIR``; Triton's cache lives inside it),
+which the memory run fills first, so no configuration's compile time profits from
+another's, whatever order they run in. The time run reuses it (its compile is not reported).
+
 One training step is ``module.zero_grad(set_to_none=True); loss = step_fn(*inputs);
 loss.backward()``. The child times the first step (compilation and graphopt's solve
 happen there) and runs ``warmup - 1`` more. The memory run then measures the peak of one
@@ -34,6 +39,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +48,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MEMORY_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 MEASURES_VARIABLE = "GRAPHOPT_BENCH_MEASURES"
+# Compilation caches a child must not inherit: each configuration gets fresh ones.
+CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 # ---------------------------------------------------------------- parent side
@@ -65,18 +73,24 @@ def run_measuring(
     """Run `command`, a child that prints its result as a JSON line, once per entry of
     `runs`: ``"memory"``, ``"time"`` (see the module's docstring) or ``"both"`` in one
     process (CUDA). The results are merged, an earlier run's value winning where two
-    report one. Failures come back as data, labelled with `label`."""
+    report one. Failures come back as data, labelled with `label`.
+
+    The runs share a fresh Inductor cache made for this call (the first compiles cold);
+    `environment` may name another ``TORCHINDUCTOR_CACHE_DIR``."""
     merged: dict[str, Any] = {}
-    for run in runs:
-        result = _run_child(command, label, timeout_s, _environment(run, environment))
-        if "error" in result:
-            return {**merged, **result, "error": f"{run} run: {result['error']}"} if merged else result
-        merged = {**result, **merged}
+    with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
+        extra = {"TORCHINDUCTOR_CACHE_DIR": cache, **(environment or {})}
+        for run in runs:
+            result = _run_child(command, label, timeout_s, _environment(run, extra))
+            if "error" in result:
+                return {**merged, **result, "error": f"{run} run: {result['error']}"} if merged else result
+            merged = {**result, **merged}
     return merged
 
 
 def _environment(run: str, extra: dict[str, str] | None) -> dict[str, str]:
-    environment = {name: value for name, value in os.environ.items() if name not in (*MEMORY_ENVIRONMENT, MEASURES_VARIABLE)}
+    replaced = (*MEMORY_ENVIRONMENT, MEASURES_VARIABLE, *CACHE_VARIABLES)
+    environment = {name: value for name, value in os.environ.items() if name not in replaced}
     if run in ("memory", "both"):
         environment.update(MEMORY_ENVIRONMENT)
     if run != "both":

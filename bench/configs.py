@@ -17,6 +17,10 @@ the child process exits after one configuration, so nothing leaks into the next)
 | ``graphopt-<f>`` | ``graphopt.compile`` with a byte budget: torch's lowest peak + f x (torch.compile's peak - lowest) |
 | ``graphopt-<variant>`` | the same at the tightest fraction, with the options of ``GRAPHOPT_VARIANTS[variant]`` |
 
+Lossy configurations (``torch-fp8``, ``graphopt-int8``, ``graphopt-lossy``: gradients
+differ from the exact step) say so (``Configuration.lossy``); the tables mark them, since
+they trade accuracy for memory and compare with the exact rows only with that said.
+
 ``f`` is a fraction: 1 is torch.compile's own peak, 0 the lowest peak any torch
 configuration of the same run reached, below 0 lower still. The parent turns it into bytes
 (``budget_bytes``) after the torch configurations have run.
@@ -63,8 +67,9 @@ _SELECTIVE_SAVE_OPS = (
 GRAPHOPT_VARIANTS: dict[str, dict[str, Any]] = {
     "int8": {"quantize_bits": 8},  # lossy: saved activations may be stored as int8
     "lossy": {"allow_lossy": True},  # lossy: int8, int4 or int2, priced by their error
-    "no-reorder": {"reorder": False},  # graphopt's memory-aware reordering off
+    "reorder": {"reorder": True},  # graphopt's memory-aware reordering on (off by default)
 }
+LOSSY_VARIANTS = ("int8", "lossy")
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class Configuration:
     prepare: Callable[[BenchModel, dict[str, Any], contextlib.ExitStack], Callable[..., torch.Tensor]]
     gpu_only: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
+    lossy: bool = False  # the step's gradients differ from the exact step's
 
 
 # ---------------------------------------------------------------- how each kind prepares a model
@@ -186,7 +192,7 @@ def _torch_configurations() -> list[Configuration]:
         Configuration("checkpoint-full", "checkpointing", _prepare_checkpoint, settings={"selective": False}),
         Configuration("checkpoint-selective", "checkpointing", _prepare_checkpoint, settings={"selective": True}),
         Configuration("torch-offload", "torch offload / fp8", _prepare_torch_offload, gpu_only=True),
-        Configuration("torch-fp8", "torch offload / fp8", _prepare_torch_fp8, gpu_only=True),
+        Configuration("torch-fp8", "torch offload / fp8", _prepare_torch_fp8, gpu_only=True, lossy=True),
     ]
     return configurations
 
@@ -200,7 +206,7 @@ def _graphopt_configurations() -> list[Configuration]:
     configurations += [
         Configuration(
             f"graphopt-{variant}", f"graphopt {variant}", _prepare_graphopt,
-            settings={"fraction": tightest, "options": options},
+            settings={"fraction": tightest, "options": options}, lossy=variant in LOSSY_VARIANTS,
         )  # fmt: skip
         for variant, options in GRAPHOPT_VARIANTS.items()
     ]

@@ -34,6 +34,19 @@ F x the lowest peak (with parameters) torch measured in the same run, each compa
 that torch point (the three timed together): ok when its measured peak is within the
 budget and its median step is no slower than torch's there.
 
+Each configuration compiles cold, in an Inductor cache of its own (``bench.child``), so
+``compile_s`` compares across configurations.
+
+The table reads as a user compares: **same memory -> time** first, each torch point
+followed by graphopt at that point's peak, torch points by peak (largest first); a torch
+point another torch point beats (about the same peak, within ``SAME_PEAK``, and a faster
+step) comes after the others, marked ``dominated by``, since no user would pick it and a
+ratio against it flatters graphopt. Lossy graphopt rows (``graphopt-int8``,
+``graphopt-lossy``: gradients differ from the exact step) come last, marked ``lossy``:
+their reference is an exact torch point (torch has no lossy CPU counterpart). Then **same
+time -> memory**: per torch point, graphopt's least measured peak among exact points no
+slower than it (times from different processes there, so within ~7%).
+
 The whole comparison, on more models and configurations, is ``python -m bench`` (docs/benchmarks.md).
 The default run measures torch at 1.0, 0.5, 0.2 and 0.0, then graphopt once per torch
 point with budget = parameter bytes + the peak torch measured there. A graphopt point is
@@ -57,11 +70,14 @@ from bench.script import child_main, report, run_child_script, script_parser, wi
 
 TORCH_AMB_VALUES = (1.0, 0.5, 0.2, 0.0)
 GRAPHOPT_KINDS = {"graphopt": {}, "graphopt-int8": {"quantize_bits": 8}, "graphopt-lossy": {"allow_lossy": True}}
+LOSSY_KINDS = ("graphopt-int8", "graphopt-lossy")
+# Two peaks this close count as the same memory when one torch point dominates another.
+SAME_PEAK = 0.01
 MEGABYTE = 1_000_000
 CSV_FIELDS = (
-    "config", "reference", "budget_bytes", "param_bytes", "peak_bytes", "peak_with_params_bytes",
-    "median_step_ms", "reference_median_step_ms", "time_ratio_vs_reference", "compile_s", "predicted_peak_bytes",
-    "ok", "error",
+    "config", "reference", "lossy", "dominated_by", "budget_bytes", "param_bytes", "peak_bytes",
+    "peak_with_params_bytes", "median_step_ms", "reference_median_step_ms", "time_ratio_vs_reference", "compile_s",
+    "predicted_peak_bytes", "ok", "error",
 )  # fmt: skip
 
 
@@ -251,10 +267,12 @@ def _with_times(group: dict[str, dict[str, Any]], reference: str | None, args: a
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One CSV row per result, with peaks including parameters, time ratios and the verdict."""
+    """One CSV row per result, with peaks including parameters, time ratios and the
+    verdict, in the table's order (``table_order``)."""
     rows = []
     for result in results:
         row = {field: result.get(field) for field in CSV_FIELDS}
+        row["lossy"] = result["config"].rpartition("-")[0] in LOSSY_KINDS
         if result.get("peak_bytes") is not None:
             row["peak_with_params_bytes"] = result["peak_bytes"] + result["param_bytes"]
         if result.get("reference_median_step_ms") and result.get("median_step_ms") is not None:
@@ -265,7 +283,47 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if isinstance(row["predicted_peak_bytes"], list):
             row["predicted_peak_bytes"] = max(row["predicted_peak_bytes"], default=None)
         rows.append(row)
-    return rows
+    _mark_dominated(rows)
+    return table_order(rows)
+
+
+def _mark_dominated(rows: list[dict[str, Any]]) -> None:
+    """Set ``dominated_by`` on each torch point another torch point beats: about the same
+    peak or less (``SAME_PEAK``) and a faster median step."""
+    measured = [r for r in rows if r["config"].startswith("torch-amb-") and r["peak_with_params_bytes"] and r["median_step_ms"]]
+    for row in measured:
+        for other in measured:
+            less_memory = other["peak_with_params_bytes"] <= row["peak_with_params_bytes"] * (1 + SAME_PEAK)
+            if other is not row and less_memory and other["median_step_ms"] < row["median_step_ms"]:
+                row["dominated_by"] = other["config"]
+                break
+
+
+def table_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Same memory -> time: each torch point, then graphopt at its peak; torch points by
+    peak, largest first, dominated ones after the rest; lossy rows last."""
+    by_config = {row["config"]: row for row in rows}
+
+    def key(row: dict[str, Any]) -> tuple:
+        anchor = by_config.get(row["reference"] or row["config"], row)
+        peak = anchor["peak_with_params_bytes"] or 0
+        return row["lossy"], anchor["dominated_by"] is not None, -peak, anchor["config"], row is not anchor
+
+    return sorted(rows, key=key)
+
+
+def same_time_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Same time -> memory: per torch point that no other dominates, the exact graphopt
+    point of least measured peak whose median step is no slower (None if there is none)."""
+    exact = [r for r in rows if r["budget_bytes"] and not r["lossy"] and r["peak_with_params_bytes"] and r["median_step_ms"]]
+    found = []
+    for torch_row in rows:
+        if not torch_row["config"].startswith("torch-amb-") or torch_row["dominated_by"] or not torch_row["median_step_ms"]:
+            continue
+        as_fast = [r for r in exact if r["median_step_ms"] <= torch_row["median_step_ms"]]
+        best = min(as_fast, key=lambda r: r["peak_with_params_bytes"], default=None)
+        found.append({"torch": torch_row, "graphopt": best})
+    return found
 
 
 def _verdict(row: dict[str, Any]) -> str:
@@ -283,13 +341,33 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def number(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    lines = [f"{'config':<24} {'budget MB':>9} {'peak MB':>8} {'pred MB':>8} {'median ms':>10} {'torch ms':>9} {'x torch':>8}  ok"]
+    def note(row: dict[str, Any]) -> str:
+        if row["lossy"]:
+            return "lossy (vs exact torch)"
+        return f"dominated by {row['dominated_by']}" if row["dominated_by"] else ""
+
+    lines = [
+        "same memory -> time (graphopt at each torch point's peak, timed beside it):",
+        f"{'config':<24} {'budget MB':>9} {'peak MB':>8} {'pred MB':>8} {'median ms':>10} {'torch ms':>9} {'x torch':>8}  {'ok':<6}  note",
+    ]
     for row in rows:
         lines += with_errors(
             row,
             f"{row['config']:<24} {megabytes(row['budget_bytes']):>9} {megabytes(row['peak_with_params_bytes']):>8} "
             f"{megabytes(row['predicted_peak_bytes']):>8} {number(row['median_step_ms'], '.0f'):>10} "
-            f"{number(row['reference_median_step_ms'], '.0f'):>9} {number(row['time_ratio_vs_reference'], '.3f'):>8}  {row['ok'] or ''}"
+            f"{number(row['reference_median_step_ms'], '.0f'):>9} {number(row['time_ratio_vs_reference'], '.3f'):>8}  "
+            f"{row['ok'] or '':<6}  {note(row)}",
+        )
+    lines += ["", "same time -> memory (graphopt's least exact peak at no slower a step; times from different processes):"]
+    for pair in same_time_rows(rows):
+        torch_row, best = pair["torch"], pair["graphopt"]
+        found = "none as fast" if best is None else (
+            f"{best['config']}: {megabytes(best['peak_with_params_bytes'])} MB, {number(best['median_step_ms'], '.0f')} ms, "
+            f"x {best['peak_with_params_bytes'] / torch_row['peak_with_params_bytes']:.2f} memory"
+        )
+        lines.append(
+            f"  {torch_row['config']:<15} {megabytes(torch_row['peak_with_params_bytes'])} MB, "
+            f"{number(torch_row['median_step_ms'], '.0f')} ms -> {found}"
         )
     return "\n".join(lines)
 

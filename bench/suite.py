@@ -2,7 +2,9 @@
 
 For each model the torch configurations run first; graphopt's budgets are then derived
 from what torch measured in the same run (see ``bench.configs``), and every ratio is
-against ``torch.compile``'s default measured in the same run. Results are written as they
+against ``torch.compile``'s default measured in the same run. Every configuration
+compiles cold, in an Inductor cache of its own (``bench.child.run_measuring``), so the
+order does not favour the configurations that run last. Results are written as they
 arrive (``results.jsonl``), so an interrupted run keeps what it measured; the CSV, the
 summary table and the plots are written at the end.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from bench.configs import CONFIGURATIONS, REFERENCE, is_graphopt
 MEGABYTE = 1_000_000
 _RAW_LOCK = threading.Lock()  # models measured in parallel append to one results.jsonl
 CSV_FIELDS = (
-    "suite", "model", "config", "method", "budget_fraction", "budget_bytes", "static_bytes", "peak_bytes",
+    "suite", "model", "config", "method", "lossy", "budget_fraction", "budget_bytes", "static_bytes", "peak_bytes",
     "peak_with_static_bytes", "predicted_peak_bytes", "within_budget", "median_step_ms", "min_step_ms",
     "max_step_ms", "compile_s", "solve_s", "peak_ratio_vs_compile", "time_ratio_vs_compile", "loss", "error", "shape",
 )  # fmt: skip
@@ -57,12 +58,9 @@ def run_suite(settings: SuiteSettings) -> list[dict[str, Any]]:
         raw_path.write_text("")
     started = time.perf_counter()
     slots = threading.Semaphore(settings.jobs)
-    # One Inductor cache for the run: compile times are cold, yet graphs two configurations
-    # share compile once, as they would for a user.
-    with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
-        run = _Run(settings, raw_path, {"TORCHINDUCTOR_CACHE_DIR": cache}, slots, previous)
-        with ThreadPoolExecutor(max_workers=len(settings.models)) as pool:
-            results = [result for model_results in pool.map(run.model, settings.models) for result in model_results]
+    run = _Run(settings, raw_path, slots, previous)
+    with ThreadPoolExecutor(max_workers=len(settings.models)) as pool:
+        results = [result for model_results in pool.map(run.model, settings.models) for result in model_results]
     rows = summarize(results)
     write_csv(rows, settings.out / "results.csv")
     elapsed_s = time.perf_counter() - started
@@ -95,7 +93,6 @@ class _Run:
 
     settings: SuiteSettings
     raw_path: Path
-    environment: dict[str, str]
     slots: threading.Semaphore
     previous: dict[tuple[str, str], dict[str, Any]]
 
@@ -129,19 +126,17 @@ class _Run:
         if earlier is not None and all(earlier.get(key) == value for key, value in extra.items()):
             return earlier
         with self.slots:
-            return _run_one(model, config, extra, self.settings, self.raw_path, self.environment)
+            return _run_one(model, config, extra, self.settings, self.raw_path)
 
 
-def _run_one(
-    model: str, config: str, extra: dict[str, Any], settings: SuiteSettings, raw_path: Path, environment: dict[str, str]
-) -> dict[str, Any]:
+def _run_one(model: str, config: str, extra: dict[str, Any], settings: SuiteSettings, raw_path: Path) -> dict[str, Any]:
     spec = {
         "model": model, "config": config, "suite": settings.suite, "size": settings.size,
         "steps": settings.steps, "warmup": settings.warmup, "backend": settings.backend, **extra,
     }  # fmt: skip
     print(f"[{time.strftime('%H:%M:%S')}] {model} {config} ...", flush=True)
     started = time.perf_counter()
-    result = run_in_child(spec, timeout_s=settings.child_timeout_s, environment=environment)
+    result = run_in_child(spec, timeout_s=settings.child_timeout_s)
     result["wall_s"] = time.perf_counter() - started
     with _RAW_LOCK, raw_path.open("a") as raw:
         raw.write(json.dumps(result) + "\n")
@@ -190,7 +185,9 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for result in results:
         row = {field: result.get(field) for field in CSV_FIELDS}
-        row["method"] = CONFIGURATIONS[result["config"]].method if result["config"] in CONFIGURATIONS else None
+        configuration = CONFIGURATIONS.get(result["config"])
+        row["method"] = configuration.method if configuration is not None else None
+        row["lossy"] = configuration.lossy if configuration is not None else None
         if result.get("peak_bytes") is not None:
             row["peak_with_static_bytes"] = result["peak_bytes"] + result["static_bytes"]
         reference = references.get(result["model"])
@@ -220,15 +217,18 @@ def _number(value: float | None, spec: str) -> str:
 
 
 def format_summary(rows: list[dict[str, Any]], settings: SuiteSettings, elapsed_s: float) -> str:
-    """A markdown table per model (included by docs/benchmarks.md)."""
+    """A markdown table per model (included by docs/benchmarks.md), its rows by measured
+    peak, largest first: neighbours hold about the same memory, so their times compare
+    (and a faster row below a slower one is less memory for less time). Lossy rows last."""
     lines = [
         f"Suite `{settings.suite}` ({settings.size}, backend {settings.backend}): {settings.steps} timed steps after "
         f"{settings.warmup} warm-up, {elapsed_s / 60:.1f} min wall time. Peaks include parameters and buffers; "
-        "ratios are against `torch.compile` default in the same run.",
+        "ratios are against `torch.compile` default in the same run. Every configuration compiled cold, in an "
+        "Inductor cache of its own. Rows by measured peak; lossy rows (gradients differ from the exact step) last.",
         "",
     ]
     for model in dict.fromkeys(row["model"] for row in rows):
-        model_rows = [row for row in rows if row["model"] == model]
+        model_rows = sorted((row for row in rows if row["model"] == model), key=_table_order)
         shape = next((row["shape"] for row in model_rows if row["shape"]), "")
         lines += [f"**{model}** — {shape}", ""]
         lines.append("| config | budget MB | peak MB | x peak | median ms | x time | compile+solve s | solve s | note |")
@@ -244,9 +244,16 @@ def format_summary(rows: list[dict[str, Any]], settings: SuiteSettings, elapsed_
     return "\n".join(lines)
 
 
+def _table_order(row: dict[str, Any]) -> tuple[bool, bool, int]:
+    """Exact rows before lossy ones, measured before failed, larger peaks first."""
+    peak = row["peak_with_static_bytes"]
+    return bool(row["lossy"]), peak is None, -(peak or 0)
+
+
 def _note(row: dict[str, Any]) -> str:
+    notes = ["lossy"] if row["lossy"] else []
     if row["error"]:
-        return row["error"].splitlines()[0][:160].replace("|", "/")
-    if row["within_budget"] is False:
-        return "over budget"
-    return ""
+        notes.append(row["error"].splitlines()[0][:160].replace("|", "/"))
+    elif row["within_budget"] is False:
+        notes.append("over budget")
+    return "; ".join(notes)

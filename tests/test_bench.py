@@ -134,7 +134,7 @@ def test_suite_derives_budgets_then_resumes_without_rerunning(tmp_path, monkeypa
     peaks = {"compile": 900, "checkpoint-full": 300}
     calls = []
 
-    def fake_child(spec, *, timeout_s, environment):
+    def fake_child(spec, *, timeout_s, environment=None):
         calls.append(spec["config"])
         peak = peaks.get(spec["config"], spec.get("budget_bytes", 0) - 200)
         return {**spec, "peak_bytes": peak, "static_bytes": 100, "median_step_ms": 10.0}
@@ -186,3 +186,46 @@ def test_the_frontier_times_each_torch_point_beside_its_graphopt_counterpart(mon
     step_ms["graphopt-400"] = [11.5, 11.5]
     slower = frontier.summarize(frontier.run_sweep(["torch-amb-1.0"], args))[1]
     assert slower["time_ratio_vs_reference"] > 1 and slower["ok"] == "not-ok"
+
+
+_CACHE_CHILD = """
+import json, os
+print(json.dumps({"cache_" + os.environ["GRAPHOPT_BENCH_MEASURES"]: os.environ.get("TORCHINDUCTOR_CACHE_DIR")}))
+"""
+
+
+def test_every_configuration_compiles_in_a_fresh_inductor_cache(monkeypatch):
+    """Compile times are cold whatever ran before: each call its own cache, shared by its
+    memory and time runs, never the parent's."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/a-warm-cache")
+    command = [sys.executable, "-c", _CACHE_CHILD]
+    first = run_measuring(command, label={"config": "a"}, timeout_s=60)
+    second = run_measuring(command, label={"config": "b"}, timeout_s=60)
+    assert first["cache_memory"] == first["cache_time"] != second["cache_memory"]
+    assert "/tmp/a-warm-cache" not in (first["cache_memory"], second["cache_memory"])
+
+
+def test_the_frontier_table_puts_dominated_torch_points_and_lossy_rows_last():
+    from bench import gpt_budget_frontier as frontier
+
+    def result(config, peak, ms, reference=None):
+        row = {"config": config, "param_bytes": 0, "peak_bytes": peak, "median_step_ms": ms}
+        return row if reference is None else {**row, "reference": reference, "reference_median_step_ms": 1.0}
+
+    rows = frontier.summarize([
+        result("torch-amb-1.0", 300, 10.0), result("graphopt-300", 250, 10.0, "torch-amb-1.0"),
+        result("torch-amb-0.0", 299, 14.0), result("graphopt-299", 250, 11.0, "torch-amb-0.0"),
+        result("torch-amb-0.5", 200, 12.0), result("graphopt-200", 180, 11.0, "torch-amb-0.5"),
+        result("graphopt-int8-150", 140, 11.0, "torch-amb-0.5"),
+    ])  # fmt: skip
+    assert [row["config"] for row in rows] == [
+        "torch-amb-1.0", "graphopt-300", "torch-amb-0.5", "graphopt-200", "torch-amb-0.0", "graphopt-299",
+        "graphopt-int8-150",
+    ]  # fmt: skip
+    by_config = {row["config"]: row for row in rows}
+    assert by_config["torch-amb-0.0"]["dominated_by"] == "torch-amb-1.0" and by_config["torch-amb-0.5"]["dominated_by"] is None
+    assert by_config["graphopt-int8-150"]["lossy"] and not by_config["graphopt-200"]["lossy"]
+    same_time = {pair["torch"]["config"]: pair["graphopt"] for pair in frontier.same_time_rows(rows)}
+    assert same_time["torch-amb-0.5"]["config"] == "graphopt-200"  # the lossy point is not counted
+    assert same_time["torch-amb-1.0"]["config"] == "graphopt-300"
+    assert "lossy (vs exact torch)" in frontier.format_table(rows)
