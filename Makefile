@@ -43,5 +43,12 @@ bench: venv
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install --quiet -e ".[plot]"
 	$(BIN)/python -m bench --suite cpu $(BENCH_ARGS)
 
+# One prepared GPU check (bench/gpu_check.py, under 8 minutes on one H100/H200): graphopt
+# under budgets, offload and fp8/int8 saving beside torch's own tools, into one CSV. Needs
+# a CUDA build of torch in the venv; without CUDA it says it skipped and exits 0.
+.PHONY: gpu-check
+gpu-check: venv
+	$(BIN)/python -m bench.gpu_check $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf $(VENV) .venv-torch-*
