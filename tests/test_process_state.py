@@ -122,6 +122,7 @@ def test_two_models_offloading_at_once_keep_their_own_copies():
 
 
 def test_the_frozen_rows_hook_goes_with_its_guard():
+    gc.collect()
     before = len(_global_optimizer_pre_hooks)
     parameter = nn.Parameter(torch.ones(4, 4))
     guard = FrozenRowsGuard()
@@ -150,6 +151,7 @@ class _Stack(nn.Module):
 
 
 def test_a_compiled_models_hook_is_removed_with_it():
+    gc.collect()
     before = len(_global_optimizer_pre_hooks)
     model = _Stack()
     compiled = graphopt.compile(model, compiler="eager", trainable={"up.weight": 0.5, "down.*": 1.0})
@@ -167,16 +169,20 @@ def test_a_compiled_models_hook_is_removed_with_it():
 
 
 def test_backend_sessions_go_with_their_graphs():
+    """(Dynamo can leave a compiled graph behind in a model module's globals when a
+    compilation fails part way, which keeps that graph's entry: only this test's counts.)"""
+    gc.collect()
+    before = len(backend_module._SESSIONS_BY_OPTIONS)
     options = {"compiler": "eager"}
     compiled = torch.compile(_Stack(), backend="graphopt", options=options)
     training_step(compiled, (torch.randn(8, 16),))
     session = backend_module.session_for_options(options)
     assert session is not None and len(session.plans) == 1
-    assert len(backend_module._SESSIONS_BY_OPTIONS) == 1
+    assert len(backend_module._SESSIONS_BY_OPTIONS) == before + 1
     training_step(compiled, (torch.randn(8, 16),))  # the same graphs, the same session
     assert backend_module.session_for_options(options) is session
     del compiled, session
     torch._dynamo.reset()
     gc.collect()
-    assert len(backend_module._SESSIONS_BY_OPTIONS) == 0
     assert backend_module.session_for_options(options) is None
+    assert len(backend_module._SESSIONS_BY_OPTIONS) <= before
