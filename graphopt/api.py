@@ -39,6 +39,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     quantize_bits: int | str | None = None,
     lossy_error_weight_ms: float = 1000.0,
     plan: Any = None,
+    check_budget: bool = True,
     verbose: bool = False,
 ) -> Any:
     """Compile `model` for training so one step's peak memory stays under `memory_budget`.
@@ -76,8 +77,18 @@ def compile(  # noqa: A001 - mirrors torch.compile
     only. By default every result is exact (docs/offload_quantize.md).
     ``plan=`` applies a saved plan instead of solving: a path to the JSON that
     ``graphopt plan --json`` or ``Plan.dumps()`` wrote, a ``Plan`` or a list of them
-    (from ``graphopt.plans``). Decisions are matched to tensors by module path and op;
-    a plan made for another model or other shapes raises ``PlanMismatchError``.
+    (from ``graphopt.plans``). Decisions are matched to tensors by module path, op, dtype
+    and shape; a plan that lacks a tensor this graph's backward needs, or was made for
+    another model, other shapes or dtypes, or another torch release, raises
+    ``PlanMismatchError`` saying what differs. A given plan's peak is predicted and
+    checked against ``memory_budget`` like a solved one (``BudgetInfeasibleError`` when
+    over); ``check_budget=False`` applies it anyway, and the plan's assumptions say so.
+    ``verbose=True`` prints the planning progress to stderr (each graph's reference
+    peak, every solve round and sweep point with the budget it tried and the time so
+    far); without it the same lines go to the ``graphopt`` logger at INFO. Whatever
+    graphopt assumed where it could not know (an op priced without a FLOP formula, a
+    peak predicted without Inductor's code) is logged once at WARNING and listed in
+    ``plan.assumptions``.
     """
     options = make_options(
         memory_budget=memory_budget,
@@ -93,6 +104,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         quantize_bits=quantize_bits,
         lossy_error_weight_ms=lossy_error_weight_ms,
         plan=plan,
+        check_budget=check_budget,
         verbose=verbose,
         model_static_bytes=_static_bytes(model),
     )

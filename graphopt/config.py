@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from .budget import parse_budget
 from .cost_models import HardwareProfile, get_hardware
-from .errors import GraphoptError
+from .errors import GraphoptError, PlanMismatchError
 from .plan import load_plans
 from .passes.optimizer_in_backward import check_optimizer
 from .passes.quantize import FP8
@@ -56,6 +58,9 @@ class Options:
     # plan=: decisions to apply instead of solving (a saved plan), by graph name:
     # ((graph, made by torch's min-cut, ((decision key, action), ...)), ...).
     given: tuple[tuple[str, bool, tuple[tuple[str, str], ...]], ...] = ()
+    # Whether a given plan's predicted peak must fit memory_budget, as a solved plan's does
+    # (BudgetInfeasibleError otherwise); False applies it whatever its peak, and says so.
+    check_budget: bool = True
 
     def cache_key(self) -> str:
         """Every input of a plan, for Inductor's caches (a changed budget must replan)."""
@@ -75,6 +80,7 @@ class Options:
                 self.trainable,
                 _identity(self.optimizer),
                 self.given,
+                self.check_budget,
             )
         )
 
@@ -96,6 +102,7 @@ _ACCEPTED = (
     "trainable",
     "optimizer",
     "plan",
+    "check_budget",
 )
 # By (compiler, prediction): what each prediction has missed of measured peaks. The FX
 # simulation ran up to 5.8% under on Inductor's code (docs/design.md, "Check by
@@ -142,6 +149,7 @@ def make_options(settings: dict[str, Any] | None = None, **overrides: Any) -> Op
         trainable=parse_trainable(merged.get("trainable", "all")),
         optimizer=_checked_optimizer(merged.get("optimizer")),
         given=given_decisions(merged.get("plan")),
+        check_budget=_flag("check_budget", merged.get("check_budget", True)),
     )
 
 
@@ -154,10 +162,32 @@ def given_decisions(plan: Any) -> tuple[tuple[str, bool, tuple[tuple[str, str], 
     for saved in plans:
         if any(not decision.key for decision in saved.decisions):
             raise GraphoptError(f"plan for {saved.graph} has decisions without keys (saved by an older graphopt); plan again")
+        _check_torch_release(saved)
     return tuple(
         (p.graph, p.method.startswith("torch-min-cut"), tuple((d.key, d.planned_action) for d in p.decisions))
         for p in plans
     )
+
+
+def torch_release(version: str) -> str:
+    """The feature release of a torch version (``2.13.0+cpu`` -> ``2.13``): what the graphs
+    a plan is matched to depend on (decompositions, the partitioner, Inductor's passes)."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _check_torch_release(plan: Any) -> None:
+    if torch_release(plan.torch_version) != torch_release(torch.__version__):
+        raise PlanMismatchError(
+            f"the plan for {plan.graph} was made with torch {plan.torch_version or 'unknown'}, and this is torch "
+            f"{torch.__version__}: torch releases change the graphs a plan is matched to. Plan again with this torch "
+            "(graphopt plan --json, or graphopt.compile without plan=)"
+        )
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise GraphoptError(f"{name}={value!r} must be True or False")
+    return value
 
 
 def _identity(value: Any) -> str | None:

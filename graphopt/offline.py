@@ -121,11 +121,13 @@ class TracedStep:
         self, options: Options, given: dict[str, str] | None = None
     ) -> tuple[list[Plan], fx.GraphModule, fx.GraphModule]:
         """The plans for `options` and the forward and backward graphs they split into;
-        with `given` (decision key -> action), that plan is applied instead of solving."""
+        with `given` (decision key -> action), that plan is applied instead of solving.
+        `given` comes from graphopt itself (composing a plan from fewer blocks): it may
+        leave out tensors min-cut held through a view (``GivenPlan.complete``)."""
         with warnings.catch_warnings():  # copying the graph's pytree specs warns about torch's own API
             warnings.simplefilter("ignore", FutureWarning)
             joint = fx.GraphModule(self._joint, copy.deepcopy(self._joint.graph))  # the planner edits its graph
-        session = Session(options, given={GRAPH_NAME: GivenPlan(given)} if given is not None else {})
+        session = Session(options, given={GRAPH_NAME: GivenPlan(given, complete=False)} if given is not None else {})
         trainable = None
         if options.trainable is not None:
             selection = select_parameters(options.trainable, self._model)

@@ -1,9 +1,10 @@
 """The memory schedule graphopt chose: plain data that prints, explains and round-trips to JSON.
 
-JSON schema (``Plan.to_json``), version 1::
+JSON schema (``Plan.to_json``), version 2::
 
-    {"schema": "graphopt.plan/1", "graph": str, "budget_bytes": int|null,
+    {"schema": "graphopt.plan/2", "graph": str, "budget_bytes": int|null,
      "predicted_peak_bytes": int, "predicted_added_ms": float, "method": str, "solve_s": float,
+     "torch_version": str, "assumptions": [str, ...],
      "memory": {"parameters": int, "inputs": int, "gradients": int, "other graphs": int,
                 "optimizer state": int (only with optimizer=),
                 "room for later graphs": int (only when a graph break made graphopt replan)},
@@ -24,6 +25,12 @@ JSON schema (``Plan.to_json``), version 1::
 squared error (0 for exact decisions); a decision without them loads as exact.
 ``reordering`` is empty when reordering is off; a plan without it loads as such.
 ``pruning`` is null unless ``trainable=`` froze something; a plan without it loads as null.
+``key`` names a candidate across retraces and carries its dtype and shape
+(``blocks.0.mlp.fc1: addmm #0 float32[8,64]``), so a plan made for other shapes does not
+match. ``torch_version`` is the torch that made the plan; ``assumptions`` says what
+graphopt assumed where it could not know (an op priced without a FLOP formula, a peak
+predicted by simulation because Inductor's code could not be read). Version 1 plans
+have neither shapes nor a torch version and are refused with ``PlanMismatchError``.
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ import os
 from typing import Any
 
 from .budget import format_bytes
-from .errors import GraphoptError
+from .errors import GraphoptError, PlanMismatchError
 
-SCHEMA = "graphopt.plan/1"
+SCHEMA = "graphopt.plan/2"
+# Schemas of plans an older graphopt wrote, which cannot be checked against a graph.
+OLD_SCHEMAS = ("graphopt.plan/1",)
 ACTIONS = ("keep", "recompute", "offload", "quantize", "offload-quantized")
 
 
@@ -116,6 +125,8 @@ class Plan:
     num_forward_steps: int = 0
     reordering: tuple[GraphReordering, ...] = ()
     pruning: Pruning | None = None
+    torch_version: str = ""  # torch.__version__ of the planning process
+    assumptions: tuple[str, ...] = ()  # what graphopt assumed where it could not know
 
     def saved_nodes(self) -> set[str]:
         return {d.node for d in self.decisions if d.action == "keep"}
@@ -125,16 +136,23 @@ class Plan:
         data["decisions"] = [dataclasses.asdict(d) for d in self.decisions]
         data["timeline_bytes"] = list(self.timeline_bytes)
         data["reordering"] = [dataclasses.asdict(r) for r in self.reordering]
+        data["assumptions"] = list(self.assumptions)
         return {"schema": SCHEMA, **data}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Plan:
+        if data.get("schema") in OLD_SCHEMAS:
+            raise PlanMismatchError(
+                f"this plan was saved by an older graphopt ({data['schema']}): its decisions record no shapes or "
+                "dtypes, so it cannot be checked against a graph; plan again (graphopt plan --json, or Plan.dumps())"
+            )
         if data.get("schema") != SCHEMA:
             raise ValueError(f"not a graphopt plan (schema {data.get('schema')!r}, expected {SCHEMA!r})")
         fields = {k: v for k, v in data.items() if k != "schema"}
         fields["decisions"] = tuple(Decision(**d) for d in fields["decisions"])
         fields["timeline_bytes"] = tuple(fields.get("timeline_bytes", ()))
         fields["reordering"] = tuple(GraphReordering(**r) for r in fields.get("reordering", ()))
+        fields["assumptions"] = tuple(fields.get("assumptions", ()))
         pruning = fields.get("pruning")
         fields["pruning"] = _pruning_from_json(pruning) if pruning else None
         return cls(**fields)
@@ -182,6 +200,7 @@ def format_plan(plan: Plan, *, max_rows: int = 40) -> str:
         f"{len(recomputed)} recomputed ({format_bytes(sum(d.bytes for d in recomputed))})"
         + "".join(f", {count} {label} ({format_bytes(size)})" for label, count, size in _by_action(moved))
     )
+    lines.extend(f"  assumed: {assumption}" for assumption in plan.assumptions)
     if any(d.error for d in plan.decisions):
         lines.append(f"  lossy: expected relative squared error {sum(d.error for d in plan.decisions):.3g} summed over tensors")
     rows = sorted(plan.decisions, key=lambda d: d.bytes, reverse=True)

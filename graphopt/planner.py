@@ -13,9 +13,11 @@ import functools
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Sequence
 
+import torch
 import torch.fx as fx
 
 from . import torch_private
@@ -68,6 +70,9 @@ class PlanningClock:
     def solve_limit_s(self) -> float:
         return max(self.left_s(), MIN_SOLVE_S)
 
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started
+
 
 @dataclasses.dataclass(frozen=True)
 class GivenPlan:
@@ -76,10 +81,17 @@ class GivenPlan:
     A plan torch's min-cut made is applied by running min-cut again on the same graph:
     its cut is more than the candidates it lists (it may save a tensor's view instead
     of the tensor), and min-cut is deterministic.
+
+    A saved plan is `complete`: it lists every tensor of nonzero size the backward
+    reads (or min-cut's cut takes), so one this graph has and the plan lacks means the
+    plan was made for another graph (fewer layers). Decisions graphopt hands itself
+    while composing a plan from fewer blocks may leave out tensors min-cut held through
+    a view (``complete=False``): those are completed as the listed ones need.
     """
 
     actions: dict[str, str]
     by_min_cut: bool = False
+    complete: bool = True
 
 
 @dataclasses.dataclass
@@ -225,10 +237,20 @@ def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis
     given = session.given.get(graph_name)
     # Every split is reordered (with reorder=True) before it is judged: a plan fits when
     # its final graphs do.
+    started = time.perf_counter()
     if given is not None and not given.by_min_cut:
-        solution, forward, backward, predicted_peak = _apply_given(joint, analysis, given.actions, graph_name, options)
+        solution, forward, backward, predicted_peak = _apply_given(joint, analysis, given, graph_name, options)
     else:
         solution, forward, backward, predicted_peak = _torch_default(joint, joint_inputs, analysis, options)
+        if given is not None:
+            _check_min_cut_given(analysis, given, solution.actions, graph_name)
+    _progress(options, "%s: %s predicts a peak of %s (usable budget %s)", graph_name,
+              "the given plan" if given is not None else "torch's min-cut", format_bytes(predicted_peak),
+              format_bytes(_usable(options)) if options.memory_budget_bytes is not None else "none")
+    assumptions = cost_assumptions(analysis.candidate_nodes, session.node_cost())
+    if given is not None:
+        assumptions += _check_given_budget(analysis, options, predicted_peak, graph_name)
+    roofline = analysis  # its prices, before min-cut's recomputations count as free
     clock = PlanningClock(options.solver_time_limit_s)
     if given is None and _policy_demands_offload(analysis):  # min-cut ignores the user's offload tags
         solution, forward, backward, predicted_peak = _solve_without_budget(joint, analysis, options, clock)
@@ -236,8 +258,36 @@ def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis
         analysis = _learn_from_min_cut(analysis, solution)
         solution, forward, backward, predicted_peak = _solve_and_split(joint, analysis, options, predicted_peak, clock)
     reordering = forward.meta.get(_REORDERING, ())
-    plan = build_plan(joint, options, graph_name, analysis, solution, predicted_peak, forward, backward, reordering)
+    plan = build_plan(
+        joint, options, graph_name, analysis, solution, predicted_peak, forward, backward, reordering,
+        roofline=roofline, assumptions=assumptions,
+    )
+    for assumption in plan.assumptions:
+        _warn_once(assumption)
+    _progress(options, "%s: %s, predicted peak %s, added %.2f ms; planned in %.2f s", graph_name, plan.method,
+              format_bytes(predicted_peak), plan.predicted_added_ms, time.perf_counter() - started)
     return plan, forward, backward
+
+
+def _progress(options: Options, message: str, *args: object) -> None:
+    """A line of planning progress: printed to stderr with verbose=True, else logged at INFO."""
+    if options.verbose:
+        print(f"graphopt: {message % args}", file=sys.stderr, flush=True)
+    else:
+        log.info(message, *args)
+
+
+@functools.cache
+def _warn_once(assumption: str) -> None:
+    """Say what graphopt assumed, once per process; each plan lists it again (`Plan.assumptions`)."""
+    log.warning("graphopt assumed: %s", assumption)
+
+
+def cost_assumptions(nodes: Sequence[fx.Node], node_cost: NodeCost) -> list[str]:
+    """What pricing `nodes` (the candidates' producers, priced for recomputation) assumed,
+    each distinct assumption once."""
+    assumed = (node_cost(node).assumption for node in nodes if node.op == "call_function")
+    return list(dict.fromkeys(assumption for assumption in assumed if assumption))
 
 
 def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options):
@@ -262,29 +312,32 @@ def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options):
     return solution, forward, backward, _simulate(joint, analysis, forward, backward, options)
 
 
-def _apply_given(joint, analysis: Analysis, given: dict[str, str], graph_name: str, options: Options):
+def _apply_given(joint, analysis: Analysis, given: GivenPlan, graph_name: str, options: Options):
     """The split for decisions made elsewhere (a saved plan), matched by decision key.
 
     The given plan lists the tensors of nonzero size it keeps or recomputes; every
     other candidate is dropped unless the backward or a recomputed tensor needs it.
     Then it is kept if it can be: a zero-size output costs nothing, and a tensor torch's
     min-cut saved through a view of it is held by that view anyway (the simulation
-    counts one storage). A view, which cannot be kept, is recomputed from its base. A key this graph lacks means the
-    plan was made for another model or other shapes: that is an error, not a guess.
+    counts one storage). A view, which cannot be kept, is recomputed from its base. A key
+    this graph lacks, or (in a complete plan) a tensor of nonzero size the graph needs
+    and the plan does not list, means the plan was made for another graph: that is an
+    error, not a guess (`_check_given_keys`).
     """
     keys = decision_keys(analysis.candidate_nodes)
-    unknown = sorted(set(given) - set(keys))
-    if unknown:
-        raise PlanMismatchError(
-            f"the given plan does not match {graph_name}: {len(unknown)} of its {len(given)} decisions name tensors "
-            f"this graph does not have (first: {unknown[0]!r}); was it made for another model, shapes or torch version?"
-        )
     candidates = analysis.problem.candidates
-    actions: list[str | None] = [given.get(key) for key in keys]
+    needed_keys = [key for key, c in zip(keys, candidates) if c.needed_by_backward and c.size_bytes > 0]
+    _check_given_keys(keys, given, needed_keys, graph_name)
+    actions: list[str | None] = [given.actions.get(key) for key in keys]
     needed = [c.needed_by_backward for c in candidates]
     for index in range(len(candidates) - 1, -1, -1):  # readers come after what they read
+        if actions[index] is None and needed[index] and given.complete and candidates[index].size_bytes > 0:
+            raise PlanMismatchError(
+                f"the given plan does not match {graph_name}: it recomputes from {keys[index]!r} and has no decision "
+                "for it; was it made for another model? Plan again for this one"
+            )
         if actions[index] is None:
-            actions[index] = DROP if not needed[index] else KEEP if candidates[index].can_keep else RECOMPUTE
+            actions[index] = _completed_action(candidates[index], needed[index], actions)
         if actions[index] == RECOMPUTE:
             for source in candidates[index].inputs:
                 needed[source] = True
@@ -301,6 +354,85 @@ def _apply_given(joint, analysis: Analysis, given: dict[str, str], graph_name: s
     solution = Solution(tuple(actions), max(memory_timeline(analysis.problem, actions)), added_ms, "given plan", error=error)
     forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution, options)
     return solution, forward, backward, predicted_peak
+
+
+def _completed_action(candidate, needed: bool, actions: Sequence[str | None]) -> str:
+    """The action for a candidate a given plan does not list (a zero-size view, or one
+    min-cut held through a view): dropped unless needed; a view of a recomputed tensor
+    is recomputed with it, as the program does (keeping the view would hold the
+    tensor's storage from the forward on); otherwise kept where it can be."""
+    if not needed:
+        return DROP
+    if candidate.storage_of is not None and actions[candidate.storage_of] == RECOMPUTE and candidate.can_recompute:
+        return RECOMPUTE
+    return KEEP if candidate.can_keep else RECOMPUTE
+
+
+_PLAN_AGAIN = "Plan again for this model and these inputs (graphopt plan --json, or graphopt.compile without plan=)"
+
+
+def _check_given_keys(keys: Sequence[str], given: GivenPlan, required: Sequence[str], graph_name: str) -> None:
+    """Raise PlanMismatchError saying how a given plan and this graph (its candidates'
+    decision `keys`) differ: decisions for tensors the graph lacks or has with another
+    dtype or shape, or, in a complete plan, `required` tensors it has no decision for."""
+    present = set(keys)
+    unknown = [key for key in given.actions if key not in present]
+    here = {key_tensor(key): key for key in keys}
+    changed = [(key, here[key_tensor(key)]) for key in unknown if key_tensor(key) in here]
+    if changed:
+        saved, current = changed[0]
+        raise PlanMismatchError(
+            f"the given plan does not match {graph_name}: it was made for other shapes or dtypes ({len(changed)} of its "
+            f"{len(given.actions)} decisions differ; {key_tensor(saved)!r} is {key_value(saved)} in the plan and "
+            f"{key_value(current)} here). {_PLAN_AGAIN}"
+        )
+    if unknown:
+        raise PlanMismatchError(
+            f"the given plan does not match {graph_name}: {len(unknown)} of its {len(given.actions)} decisions name "
+            f"tensors this graph does not have (first: {unknown[0]!r}); was it made for another model? {_PLAN_AGAIN}"
+        )
+    missing = [key for key in required if key not in given.actions] if given.complete else []
+    if missing:
+        raise PlanMismatchError(
+            f"the given plan does not match {graph_name}: it has no decision for {len(missing)} of the {len(required)} "
+            f"tensors this graph's backward needs (first: {missing[0]!r}); was it made for a smaller model (fewer "
+            f"layers)? {_PLAN_AGAIN}"
+        )
+
+
+def _check_min_cut_given(analysis: Analysis, given: GivenPlan, min_cut_actions: Sequence[str], graph_name: str) -> None:
+    """A plan torch's min-cut made is applied by min-cut again; it must list this graph's
+    tensors and every tensor of nonzero size min-cut keeps or recomputes here."""
+    keys = decision_keys(analysis.candidate_nodes)
+    cut = [
+        key for key, candidate, action in zip(keys, analysis.problem.candidates, min_cut_actions)
+        if action != DROP and candidate.size_bytes > 0
+    ]
+    _check_given_keys(keys, given, cut, graph_name)
+
+
+def _check_given_budget(analysis: Analysis, options: Options, predicted_peak: int, graph_name: str) -> list[str]:
+    """A given plan is judged as a solved one is: over the usable budget it raises
+    BudgetInfeasibleError, unless check_budget=False, when the plan says it went over."""
+    if options.memory_budget_bytes is None or predicted_peak <= _usable(options):
+        return []
+    over = (
+        f"the given plan's predicted peak on {graph_name} is {format_bytes(predicted_peak)}, over the "
+        f"{format_bytes(_usable(options))} that memory_budget={format_bytes(options.memory_budget_bytes)} leaves after "
+        f"the {options.prediction_headroom:.0%} headroom graphopt keeps for its prediction error"
+    )
+    if not options.check_budget:
+        return [f"{over}; applied anyway (check_budget=False)"]
+    least_budget = math.ceil(predicted_peak / (1 - options.prediction_headroom))
+    breakdown = _memory_no_decision_changes(analysis, gradients=False)
+    breakdown["activations, gradients and temporaries"] = predicted_peak - sum(breakdown.values())
+    raise BudgetInfeasibleError(
+        f"{over}. Plan again for this budget (graphopt.compile without plan=), raise the budget to at least "
+        f"{format_bytes(least_budget)}, or pass check_budget=False to apply the plan anyway",
+        least_peak_bytes=predicted_peak,
+        least_budget_bytes=least_budget,
+        breakdown=breakdown,
+    )
 
 
 def _with_optimizer_memory(plan: Plan, updates: GraphUpdates) -> Plan:
@@ -347,7 +479,7 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
     target, least, best = budget, default_peak, None
     fits, overshoots = None, None  # the highest target whose plan fit, the lowest whose did not
     tried, floor_tried = {budget}, False
-    for _ in range(MAX_REPAIR_ROUNDS):
+    for round_number in range(1, MAX_REPAIR_ROUNDS + 1):
         if clock.expired and best is not None:
             break
         solution = solve(dataclasses.replace(problem, budget_bytes=target), time_limit_s=clock.solve_limit_s())
@@ -357,6 +489,9 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
             floor_tried = True
             solution = least_peak(problem, time_limit_s=clock.solve_limit_s())
         forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution, options)
+        _progress(options, "round %d: program budget %s -> %s plan, simulated peak %s (%s the usable %s), added %.2f ms; "
+                  "%.1f s so far", round_number, format_bytes(target), solution.method, format_bytes(predicted_peak),
+                  "within" if predicted_peak <= budget else "over", format_bytes(budget), solution.added_ms, clock.elapsed_s())
         least = min(least, predicted_peak)
         if predicted_peak <= budget:
             if best is None or solution.added_ms < best[0].added_ms:
@@ -375,7 +510,7 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
             break  # a target already planned: the rounds would cycle
         tried.add(shifted)
         target = shifted
-        log.info("simulated peak %s for a usable %s; replanning for %s", format_bytes(predicted_peak), format_bytes(budget), format_bytes(target))
+        _progress(options, "simulated peak %s for a usable %s; replanning for %s", format_bytes(predicted_peak), format_bytes(budget), format_bytes(target))
     if best is not None:
         return best
     return _sweep(joint, analysis, options, least, clock)
@@ -398,6 +533,9 @@ def _sweep(joint, analysis: Analysis, options: Options, least_seen: int, clock: 
         if solution is None:
             continue
         forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution, options)
+        _progress(options, "sweep %d/%d: program budget %s -> simulated peak %s (%s the usable %s); %.1f s so far", step + 1,
+                  SWEEP_POINTS, format_bytes(target), format_bytes(predicted_peak),
+                  "within" if predicted_peak <= budget else "over", format_bytes(budget), clock.elapsed_s())
         if predicted_peak <= budget:
             return solution, forward, backward, predicted_peak
         if predicted_peak < least:
@@ -491,26 +629,25 @@ def _graph_timelines(joint, analysis: Analysis, forward: fx.GraphModule, backwar
 
 def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule, owned: dict, *, keep_order: bool):
     """Both graphs' timelines replayed from the wrapper code Inductor generates for them
-    (no kernel is compiled), or None, with a warning, where Inductor cannot generate it
-    here."""
+    (no kernel is compiled), or None where Inductor cannot generate it here; the plan
+    then lists the fallback among its assumptions (``forward.meta[_PREDICTION_FALLBACK]``)."""
     try:
         donated = torch_private.backward_donated_inputs(forward, backward, joint.num_fwd_outputs)
         code = torch_private.generate_wrapper_code(forward, keep_order=keep_order)
         forward_steps = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides, code.shapes)
         code = torch_private.generate_wrapper_code(backward, donated, is_backward=True, keep_order=keep_order)
         return forward_steps, wrapper_timeline(code.source, code.buffer_bytes, owned, code.strides, code.shapes)
-    except Exception as error:  # noqa: BLE001 - any failure falls back to the simulation, said once
-        _warn_no_wrapper(f"{type(error).__name__}: {error}")
+    except Exception as error:  # noqa: BLE001 - any failure falls back to the simulation, which the plan says
+        forward.meta[_PREDICTION_FALLBACK] = (
+            f"the peak is predicted by graphopt's simulation of the graphs, which has been off by up to 5% on "
+            f"recompute-heavy plans: Inductor's generated code could not be read ({type(error).__name__}: "
+            f"{str(error)[:_REASON_CHARS]})"
+        )
         return None
 
 
-@functools.cache
-def _warn_no_wrapper(reason: str) -> None:
-    log.warning(
-        "graphopt could not read Inductor's generated code to predict the peak (%s); it predicts with its own "
-        "simulation of the graphs instead, which has been off by up to 5%% on recompute-heavy plans",
-        reason,
-    )
+_PREDICTION_FALLBACK = "graphopt_prediction_fallback"  # forward.meta key: why the simulation predicted the peak
+_REASON_CHARS = 200  # of an exception's message quoted in an assumption
 
 
 _REORDERING = "graphopt_reordering"  # forward.meta key: what `_reorder` did to the split
@@ -625,8 +762,16 @@ def build_plan(
     forward: fx.GraphModule,
     backward: fx.GraphModule,
     reordering: tuple[GraphReordering, ...] = (),
+    *,
+    roofline: Analysis | None = None,
+    assumptions: Sequence[str] = (),
 ) -> Plan:
+    """The plan `solution` makes of `analysis`. `roofline` is the analysis with the cost
+    model's own prices where `analysis` counts min-cut's recomputations as free
+    (`_learn_from_min_cut`): reasons quote both. `assumptions` are what planning assumed;
+    the plan adds its prediction's (`_PREDICTION_FALLBACK`)."""
     problem = analysis.problem
+    roofline_problem = (roofline or analysis).problem
     decisions = []
     keys = decision_keys(analysis.candidate_nodes)
     for index, (node, key, candidate, action) in enumerate(
@@ -644,7 +789,10 @@ def build_plan(
                 error=action_error(candidate, action),
                 bytes=candidate.size_bytes,
                 added_ms=action_ms(candidate, action),
-                reason=_reason(node, candidate, redo_ms(problem, index), action, problem, solution.method),
+                reason=_reason(
+                    node, candidate, redo_ms(problem, index), action, problem, solution.method,
+                    roofline_ms=redo_ms(roofline_problem, index),
+                ),
                 source=source_line(node),
             )
         )
@@ -664,10 +812,17 @@ def build_plan(
         timeline_bytes=tuple(timeline),
         num_forward_steps=len(forward_steps),
         reordering=reordering,
+        torch_version=torch.__version__,
+        assumptions=tuple(dict.fromkeys([*assumptions, *filter(None, [forward.meta.get(_PREDICTION_FALLBACK)])])),
     )
 
 
-def _reason(node: fx.Node, candidate, redo_ms: float, action: str, problem: Problem, method: str) -> str:
+def _reason(
+    node: fx.Node, candidate, redo_ms: float, action: str, problem: Problem, method: str, *, roofline_ms: float
+) -> str:
+    """Why the plan took `action` for the candidate. `redo_ms` is what the program priced
+    redoing it at, `roofline_ms` what the cost model says (they differ where min-cut
+    recomputes the tensor: it fuses into a backward kernel, which the roofline cannot see)."""
     if method == "torch-min-cut":
         return f"{'kept' if action == KEEP else 'recomputed'} by torch's min-cut, which fits the budget"
     if method == "given plan":
@@ -680,14 +835,22 @@ def _reason(node: fx.Node, candidate, redo_ms: float, action: str, problem: Prob
             return "kept: the user's checkpoint policy says MUST_SAVE"
         if not candidate.can_recompute:
             return "kept: cannot be recomputed (must stay in the forward)"
-        return f"kept: recomputing would add {redo_ms:.3f} ms and the budget has room"
+        cost = f"0 ms, fused as in torch's min-cut ({_ms(roofline_ms)} unfused)" if redo_ms != roofline_ms else _ms(roofline_ms)
+        return f"kept: recomputing would add {cost} and the budget has room"
     if action not in (RECOMPUTE, DROP):
         return _alternative_reason(node, candidate, action)
     span = candidate.backward_last_use - candidate.free_at
-    return (
-        f"recompute: {redo_ms:.3f} ms to redo, frees {format_bytes(candidate.size_bytes)} "
-        f"for {span} of {problem.num_steps} steps"
+    redo = (
+        f"redone inside a backward kernel as torch's min-cut does (counted 0 ms; {_ms(roofline_ms)} unfused)"
+        if redo_ms != roofline_ms
+        else f"{_ms(roofline_ms)} to redo"
     )
+    return f"recompute: {redo}, frees {format_bytes(candidate.size_bytes)} for {span} of {problem.num_steps} steps"
+
+
+def _ms(value: float) -> str:
+    """A time as a reason quotes it; a nonzero one never reads as 0.000."""
+    return "0 ms" if value == 0 else f"{value:.3f} ms" if value >= 0.0005 else "under 0.001 ms"
 
 
 def _alternative_reason(node: fx.Node, candidate, action: str) -> str:
@@ -713,19 +876,40 @@ def tensor_name(node: fx.Node) -> str:
 
 
 def decision_keys(nodes: Sequence[fx.Node]) -> list[str]:
-    """Names for candidates that survive retracing: ``blocks.0.mlp.fc1: addmm #0``.
+    """Names for candidates that survive retracing, with their dtype and shape:
+    ``blocks.0.mlp.fc1: addmm #0 float32[8,64]``.
 
     FX node names shift whenever the graph changes (another block, another trace); the
     module path, the op and how many earlier candidates share both do not. A saved plan
-    is matched to a graph by these keys.
+    is matched to a graph by these keys, so one made for other shapes or dtypes does not
+    match (`key_tensor` and `key_value` split a key to say what differs).
     """
     seen: dict[str, int] = {}
     keys = []
     for node in nodes:
         base = f"{module_path(node)}: {_op_name(node)}"
-        keys.append(f"{base} #{seen.get(base, 0)}")
+        keys.append(f"{base} #{seen.get(base, 0)} {value_label(node)}")
         seen[base] = seen.get(base, 0) + 1
     return keys
+
+
+def value_label(node: fx.Node) -> str:
+    """The dtype and shape of a node's value, without spaces: ``float32[8,64]`` (tensors
+    of a tuple joined by ``+``; ``-`` for a value without tensors)."""
+    value = node.meta.get("val")
+    tensors = [t for t in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(t, torch.Tensor)]
+    labels = (f"{str(t.dtype).removeprefix('torch.')}[{','.join(str(size) for size in t.shape)}]" for t in tensors)
+    return "+".join(labels).replace(" ", "") or "-"
+
+
+def key_tensor(key: str) -> str:
+    """A decision key without its dtype and shape: ``blocks.0.mlp.fc1: addmm #0``."""
+    return key.rpartition(" ")[0]
+
+
+def key_value(key: str) -> str:
+    """A decision key's dtype and shape: ``float32[8,64]``."""
+    return key.rpartition(" ")[2]
 
 
 def module_path(node: fx.Node) -> str:

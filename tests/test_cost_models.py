@@ -209,8 +209,8 @@ def test_device_names_map_to_closest_profile():
     assert a100_40gb.memory_bytes == memory_bytes
     assert profile_for_device_name("NVIDIA GeForce RTX 4090", memory_bytes).name == "rtx4090"
     assert profile_for_device_name("NVIDIA L4", memory_bytes).name == "l4"
-    unknown = profile_for_device_name("NVIDIA L40S", memory_bytes)
-    assert unknown.name == "NVIDIA L40S" and unknown.peak_flops_per_s == PROFILES["h100"].peak_flops_per_s
+    with pytest.raises(HardwareError, match="no hardware profile for this GPU .*NVIDIA L40S"):
+        profile_for_device_name("NVIDIA L40S", memory_bytes)  # tests/test_fallbacks.py: the whole message
 
 
 def test_measured_model_times_mm_once_and_reads_cache(tmp_path, monkeypatch):

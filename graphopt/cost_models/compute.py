@@ -65,11 +65,13 @@ _EXTRA_FLOP_FORMULAS = {
 
 @dataclass(frozen=True)
 class OpCost:
-    """What one op costs: work done, DRAM traffic, and the resulting time."""
+    """What one op costs: work done, DRAM traffic, and the resulting time; `assumption`
+    says what the estimate assumed where it could not know (None: nothing)."""
 
     flops: float
     bytes_moved: float
     ms: float
+    assumption: str | None = None
 
 
 def _concrete(value: Any) -> Any:
@@ -93,20 +95,46 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
     return (leaf for leaf in torch_private.nested_leaves(value) if isinstance(leaf, torch.Tensor))
 
 
+# Namespaces whose ops without a FLOP formula do no arithmetic worth counting: aten's
+# compute-heavy ops (matmuls, convolutions, attention) have formulas, the rest are
+# pointwise, reductions, copies and indexing, which the roofline prices by the bytes
+# they move; graphopt's own ops copy and convert.
+MEMORY_BOUND_NAMESPACES = frozenset({"aten", "prims", "graphopt"})
+
+
 def node_flops(node: fx.Node) -> float:
     """FLOPs of an aten call by torch's flop formulas (and ours for ops torch has none for:
-    CPU attention); 0 for ops without one."""
+    CPU attention); 0 for ops without one, or whose formula fails (`flop_count` says which)."""
+    return flop_count(node)[0]
+
+
+def flop_count(node: fx.Node) -> tuple[float, str | None]:
+    """FLOPs of a node, and why they are unknown where that matters: its formula failed,
+    or an op outside `MEMORY_BOUND_NAMESPACES` (a custom op) that makes a tensor has none."""
     packet = torch_private.overload_packet(node)
     formula = flop_registry.get(packet) or _EXTRA_FLOP_FORMULAS.get(packet)
     if formula is None:
-        return 0.0
+        return 0.0, _missing_formula(node)
     args, kwargs = _input_values(node)
     try:
         flops = formula(*args, **kwargs, out_val=node.meta.get("val"))
-    except Exception:  # noqa: BLE001 - a formula that cannot read these metas must not stop planning
-        return 0.0
+    except Exception as error:  # noqa: BLE001 - a formula that cannot read these metas must not stop planning
+        return 0.0, f"its FLOP formula failed ({type(error).__name__})"
     flops = _concrete(flops)
-    return float(flops) if isinstance(flops, (int, float)) else 0.0
+    if not isinstance(flops, (int, float)):
+        return 0.0, "its FLOP formula gave no number (symbolic sizes)"
+    return float(flops), None
+
+
+def _missing_formula(node: fx.Node) -> str | None:
+    """Why a node without a FLOP formula is an unknown, or None where none is needed."""
+    if node.op != "call_function" or node.target is operator.getitem:
+        return None
+    if getattr(node.target, "namespace", None) in MEMORY_BOUND_NAMESPACES:
+        return None
+    if next(_tensors(node.meta.get("val")), None) is None:
+        return None  # arithmetic on sizes
+    return "has no FLOP formula"
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> float:
@@ -169,10 +197,22 @@ def node_dtype(node: fx.Node) -> torch.dtype:
 
 
 def estimate_node_cost(node: fx.Node, hardware: HardwareProfile) -> OpCost:
-    """Roofline cost of one node from its traced metadata; never runs the op."""
-    flops = node_flops(node)
+    """Roofline cost of one node from its traced metadata; never runs the op.
+
+    An op whose FLOPs are unknown (`flop_count`) is priced by the bytes it moves at memory
+    bandwidth, and at least one kernel launch, never as free; `assumption` says so.
+    """
+    flops, unknown = flop_count(node)
     bytes_moved = node_bytes_moved(node)
-    return OpCost(flops=flops, bytes_moved=bytes_moved, ms=roofline_ms(flops, bytes_moved, node_dtype(node), hardware))
+    ms = roofline_ms(flops, bytes_moved, node_dtype(node), hardware)
+    if unknown is None:
+        return OpCost(flops=flops, bytes_moved=bytes_moved, ms=ms)
+    return OpCost(
+        flops=flops,
+        bytes_moved=bytes_moved,
+        ms=max(ms, hardware.kernel_overhead_ms),
+        assumption=f"{node.target} {unknown}: priced by the bytes it moves at memory bandwidth, as if it did no arithmetic",
+    )
 
 
 class _CannotBuildInputs(Exception):

@@ -263,8 +263,8 @@ _DEVICE_NAME_WORDS = {"h100": "h100", "h200": "h100", "gh200": "h100", "a100": "
 def profile_for_device_name(device_name: str, total_memory_bytes: int) -> HardwareProfile:
     """The built-in profile closest to a CUDA device, with the device's real memory size.
 
-    A device no profile names gets H100 throughputs (the common training GPU) under its
-    own name, so budgets still follow its memory.
+    A device no profile names raises HardwareError: another GPU's throughputs would price
+    every recomputation wrongly (and offer fp8 where it may have no fp8 units).
     """
     words = re.split(r"[^a-z0-9]+", device_name.lower())
     for word in words:
@@ -274,9 +274,14 @@ def profile_for_device_name(device_name: str, total_memory_bytes: int) -> Hardwa
                 profile, memory_bytes=total_memory_bytes,
                 source=f"{profile.source}; memory as reported by {device_name}",
             )
-    return dataclasses.replace(
-        PROFILES["h100"], name=device_name, memory_bytes=total_memory_bytes,
-        source=f"unknown device {device_name}: H100 throughputs assumed, memory as reported by the device",
+    raise HardwareError(
+        f"graphopt has no hardware profile for this GPU ({device_name!r}); it knows {sorted(PROFILES)} "
+        f"(and recognises {sorted(_DEVICE_NAME_WORDS)} in device names). Pass hardware=<one of those> to plan with "
+        "its figures, or describe this GPU: HardwareProfile(name=..., device_type='cuda', memory_bytes=..., "
+        "peak_flops_per_s={'float32': ..., 'bfloat16': ...}, memory_bandwidth_bytes_per_s=..., "
+        "host_link_bytes_per_s=..., kernel_overhead_ms=0.005, source=...) from its datasheet, then pass it as "
+        "hardware=, or save json.dumps(profile.to_json()) to a file and pass hardware='that.json' "
+        "(graphopt plan --hardware that.json)"
     )
 
 
