@@ -157,7 +157,8 @@ class _Step(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def traced():
-    """A joint graph traced on fake tensors, prepared, split three ways (in the tracer's context)."""
+    """A joint graph traced on fake tensors, prepared, and split twice in the tracer's context:
+    passing every forward value the backward reads, and by torch's min-cut."""
     mode = torch_private.new_fake_mode()
     args = [torch.randn(8, 4), torch.randn(4, 4, requires_grad=True)]
     fake = [torch_private.to_fake(mode, tensor, torch.device("cpu")) for tensor in args]
