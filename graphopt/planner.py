@@ -27,7 +27,7 @@ from .budget import format_bytes
 from .config import Options
 from .cost_models import MeasuredCostModel, estimate_node_cost
 from .cost_models.memory import graph_timeline, storage_owner
-from .cost_models.wrapper_memory import wrapper_timeline
+from .cost_models.wrapper_memory import returned_names, returned_strides, wrapper_timeline
 from .errors import BudgetInfeasibleError, GraphoptError, PlanMismatchError, ReplanEarlierGraphs
 from .passes.optimizer_in_backward import GraphParameters, GraphUpdates, OptimizerInBackward, apply_optimizer_in_backward, place_updates
 from .passes.reorder import reorder_graph
@@ -255,6 +255,7 @@ def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis
     if given is None and _policy_demands_offload(analysis):  # min-cut ignores the user's offload tags
         solution, forward, backward, predicted_peak = _solve_without_budget(joint, analysis, options, clock)
     if given is None and options.memory_budget_bytes is not None and predicted_peak > _usable(options):
+        analysis = _count_input_copies(analysis, forward.meta.get(_INPUT_COPIES, {}))
         analysis = _learn_from_min_cut(analysis, solution)
         solution, forward, backward, predicted_peak = _solve_and_split(joint, analysis, options, predicted_peak, clock)
     reordering = forward.meta.get(_REORDERING, ())
@@ -447,6 +448,26 @@ def _with_optimizer_memory(plan: Plan, updates: GraphUpdates) -> Plan:
     return dataclasses.replace(plan, memory=memory)
 
 
+def _count_input_copies(analysis: Analysis, copies: dict[str, int]) -> Analysis:
+    """The program, told of the graph inputs Inductor's forward copies and saves in their
+    place (`_INPUT_COPIES`): each copy is made as the forward starts and held until the
+    backward's last read of the input. Nothing the plan decides changes them."""
+    if not copies:
+        return analysis
+    problem, timeline = analysis.problem, analysis.timeline_nodes
+    changes = [0] * (problem.num_steps + 1)
+    for name, size in copies.items():
+        reads = [step for step, node in enumerate(timeline) if any(storage_owner(source).name == name for source in node.all_input_nodes)]
+        last = max(reads + [problem.num_forward_steps - 1])
+        changes[0] += size
+        changes[last + 1] -= size
+    base, running = [], 0
+    for held, change in zip(problem.base_bytes, changes):
+        running += change
+        base.append(held + running)
+    return dataclasses.replace(analysis, problem=dataclasses.replace(problem, base_bytes=tuple(base)))
+
+
 def _learn_from_min_cut(analysis: Analysis, min_cut: Solution) -> Analysis:
     """Price at zero what torch's min-cut recomputes.
 
@@ -633,10 +654,14 @@ def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule
     then lists the fallback among its assumptions (``forward.meta[_PREDICTION_FALLBACK]``)."""
     try:
         donated = torch_private.backward_donated_inputs(forward, backward, joint.num_fwd_outputs)
+        device = _device_type(forward)
         code = torch_private.generate_wrapper_code(forward, keep_order=keep_order)
-        forward_steps = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides, code.shapes)
-        code = torch_private.generate_wrapper_code(backward, donated, is_backward=True, keep_order=keep_order)
-        return forward_steps, wrapper_timeline(code.source, code.buffer_bytes, owned, code.strides, code.shapes)
+        forward_steps = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides, code.shapes, device)
+        forward.meta[_INPUT_COPIES] = copies = _input_copies(forward, code)
+        owned = {**owned, **{name: name for name in copies}}  # the backward frees its copies
+        strides = _saved_strides(forward, code)
+        code = torch_private.generate_wrapper_code(backward, donated, is_backward=True, keep_order=keep_order, input_strides=strides)
+        return forward_steps, wrapper_timeline(code.source, code.buffer_bytes, owned, code.strides, code.shapes, device)
     except Exception as error:  # noqa: BLE001 - any failure falls back to the simulation, which the plan says
         forward.meta[_PREDICTION_FALLBACK] = (
             f"the peak is predicted by graphopt's simulation of the graphs, which has been off by up to 5% on "
@@ -647,6 +672,40 @@ def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule
 
 
 _PREDICTION_FALLBACK = "graphopt_prediction_fallback"  # forward.meta key: why the simulation predicted the peak
+_INPUT_COPIES = "graphopt_input_copies"  # forward.meta key: {graph input name: bytes of Inductor's copy}
+
+
+def _device_type(graph_module: fx.GraphModule) -> str:
+    """The device type of the graph's first tensor input (its extern kernels run there)."""
+    for node in graph_module.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
+
+
+def _saved_strides(forward: fx.GraphModule, code: torch_private.WrapperCode) -> dict[str, tuple[int, ...]]:
+    """The strides of the forward's outputs as its generated code returns them, by the
+    name the backward's placeholder for each has: the layout the backward is compiled for."""
+    outputs = forward.graph.output_node().args[0]
+    return {
+        node.name: stride
+        for node, stride in zip(outputs, returned_strides(code.source, code.strides))
+        if isinstance(node, fx.Node) and stride is not None
+    }
+
+
+def _input_copies(forward: fx.GraphModule, code: torch_private.WrapperCode) -> dict[str, int]:
+    """Graph inputs the forward saves for the backward that Inductor's code returns as a
+    copy, by name, with the copy's bytes: a layout Inductor chose for them (a CPU
+    convolution's weights and images, converted to channels-last), which the backward
+    receives in place of the input."""
+    outputs = forward.graph.output_node().args[0]
+    copies = {}
+    for node, name in zip(outputs, returned_names(code.source)):
+        if isinstance(node, fx.Node) and node.op == "placeholder" and name is not None and name != node.name:
+            copies[node.name] = code.buffer_bytes.get(name, 0)
+    return copies
 _REASON_CHARS = 200  # of an exception's message quoted in an assumption
 
 

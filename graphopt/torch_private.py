@@ -27,6 +27,11 @@ from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.compile_utils import fx_graph_cse
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch._inductor.decomposition import select_decomp_table
+
+# Inductor's decompositions call into its lowering module (max-pooling asks
+# `torch._inductor.lowering.should_fallback_max_pool_with_indices`), which Inductor
+# imports itself only when it compiles: without code generation it must be loaded here.
+import torch._inductor.lowering  # noqa: E402,F401  (import for its side effect)
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import is_sym_node
@@ -633,7 +638,12 @@ class WrapperCode:
 
 
 def generate_wrapper_code(
-    graph_module: fx.GraphModule, donated: Sequence[int] = (), *, is_backward: bool = False, keep_order: bool = False
+    graph_module: fx.GraphModule,
+    donated: Sequence[int] = (),
+    *,
+    is_backward: bool = False,
+    keep_order: bool = False,
+    input_strides: dict[str, tuple[int, ...]] | None = None,
 ) -> WrapperCode:
     """The Python wrapper Inductor generates for one forward or backward graph, without
     compiling a kernel, and the storage bytes and strides of its buffers and inputs.
@@ -644,7 +654,11 @@ def generate_wrapper_code(
     a copy: the post-grad passes rewrite the graph they are given. `donated`: the
     backward's inputs AOTAutograd donates to it (``backward_donated_inputs``), whose
     buffers Inductor may write over. `keep_order`: compiled as ``keep_order_through_inductor``
-    makes it (the graph's meta may say so too).
+    makes it (the graph's meta may say so too). `input_strides`: by placeholder name, the
+    strides the inputs will have where they differ from the graph's: the backward's
+    saved tensors as the compiled forward returns them (Inductor may lay them out
+    channels-last), with which AOTAutograd compiles the backward
+    (``_aot_stage2b_bw_compile``).
     """
     from torch._inductor import config as inductor_config
     from torch._inductor import ir
@@ -660,6 +674,11 @@ def generate_wrapper_code(
     placeholders = copy.graph.find_nodes(op="placeholder")
     inputs = [node.meta["val"] for node in placeholders]
     fake_mode = torch._guards.detect_fake_mode(inputs) or FakeTensorMode()
+    for position, node in enumerate(placeholders):
+        stride, value = (input_strides or {}).get(node.name), inputs[position]
+        if stride is not None and isinstance(value, torch.Tensor) and tuple(value.stride()) != tuple(stride):
+            with fake_mode:
+                inputs[position] = node.meta["val"] = value.as_strided(value.size(), stride)
     patches = {}
     if keep_order or graph_module.meta.get(_KEEP_ORDER_META):
         patches = {"reorder_for_peak_memory": False, **_buffer_reuse_guard(inductor_config)}

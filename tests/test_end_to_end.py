@@ -266,6 +266,27 @@ def test_batchnorm_cnn_under_a_mild_budget_equals_eager():
     assert not torch.equal(batchnorm.running_mean, torch.zeros_like(batchnorm.running_mean))
 
 
+@pytest.mark.parametrize("compiler", ["eager", pytest.param("inductor", marks=pytest.mark.inductor)])
+def test_max_pooling_cnn_compiles_with_every_compiler(compiler):
+    """Max pooling decomposes through Inductor's lowering module, which only a code
+    generating compile used to load: ``compiler="eager"`` raised AttributeError on it."""
+
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+
+    inputs = (torch.randn(4, 3, 16, 16),)
+    assert_same_training_step(lambda: _SumLoss(model()), inputs, compiler=compiler, rtol=1e-4, atol=1e-5)
+
+
+class _SumLoss(nn.Module):
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).square().mean()
+
+
 # ----------------------------------------------------------------------------- dropout
 
 

@@ -127,3 +127,48 @@ def test_flash_attention_backward_scratch_is_what_the_allocator_sees():
         assert predicted <= peak - outputs < predicted + copy_bytes
         copies.append(predicted > 0)
     assert copies == [False, True, True]
+
+
+@pytest.mark.parametrize(
+    "batch, channels, size, out_channels, kernel, stride",
+    [(16, 128, 4, 128, 3, 2), (16, 64, 16, 128, 1, 2), (16, 16, 16, 16, 3, 1)],  # the suite ResNet's
+)
+def test_convolution_scratch_is_what_the_allocator_sees(batch, channels, size, out_channels, kernel, stride):
+    """oneDNN's CPU convolution, forward and backward on channels-last tensors as
+    Inductor lays them out: what each allocates beyond its outputs is what the rules say,
+    within a few kilobytes of oneDNN's own."""
+    from graphopt import torch_private
+    from graphopt.cost_models.wrapper_memory import _convolution_backward_scratch, _convolution_scratch, _Replay
+
+    channels_last = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    x = channels_last(torch.randn(batch, channels, size, size))
+    w = channels_last(torch.randn(out_channels, channels, kernel, kernel))
+    padding = kernel // 2
+    conv = lambda: torch.ops.aten.convolution.default(x, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1)  # noqa: E731
+    out, forward_peak = torch_private.cpu_allocated_peak(conv)
+    gradient = channels_last(torch.randn_like(out))
+    backward = lambda: torch.ops.aten.convolution_backward.default(  # noqa: E731
+        gradient, x, w, [0], [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1, [True, True, False]
+    )
+    grads, backward_peak = torch_private.cpu_allocated_peak(backward)
+    replay = _Replay({"x": x.numel() * 4, "w": w.numel() * 4, "g": gradient.numel() * 4}, {})
+    forward_rule = _convolution_scratch(replay, ast.parse("convolution(x, w, stride=(1, 1))").body[0].value)
+    backward_rule = _convolution_backward_scratch(replay, ast.parse("convolution_backward(g, x, w, [0])").body[0].value)
+    forward_scratch = forward_peak - out.numel() * 4
+    backward_scratch = backward_peak - sum(g.numel() * 4 for g in grads if g is not None)
+    assert abs(forward_scratch - forward_rule) <= 16_384
+    assert abs(backward_scratch - backward_rule) <= 32_768
+
+
+def test_returned_names_and_strides_read_the_wrappers_return():
+    """The buffer each output is, and its strides: a name's from the table, a view's its own."""
+    from graphopt.cost_models.wrapper_memory import returned_names, returned_strides
+
+    source = (
+        "def call(args):\n"
+        "    a, b = args\n"
+        "    buf0 = empty_strided_cpu((4, 4), (1, 4), torch.float32)\n"
+        "    return (buf0, a, reinterpret_tensor(buf0, (16, ), (1, ), 0), None, )\n"
+    )
+    assert returned_names(source) == ["buf0", "a", "buf0", None]
+    assert returned_strides(source, {"buf0": (1, 4), "a": (4, 1)}) == [(1, 4), (4, 1), (1,), None]

@@ -55,8 +55,29 @@ def _flash_attention_backward_scratch(replay: _Replay, call: ast.Call) -> int:
     return replay.bytes_of(call.args[0])
 
 
-# Extern ops (by the name the wrapper calls) -> the bytes they allocate for themselves.
-EXTERN_SCRATCH = {"_scaled_dot_product_flash_attention_for_cpu_backward": _flash_attention_backward_scratch}
+def _convolution_scratch(replay: _Replay, call: ast.Call) -> int:
+    """oneDNN's CPU convolution reorders the weight (argument 1) into its blocked layout
+    for the call: measured, the weight's bytes plus 12,336 for a 3x3, 1x1 or 7x7 kernel
+    at any channel count."""
+    return replay.bytes_of(call.args[1]) + 12_336 if len(call.args) > 1 else 0
+
+
+def _convolution_backward_scratch(replay: _Replay, call: ast.Call) -> int:
+    """oneDNN's CPU convolution backward (gradient, input, weight, ...) holds the weight
+    reordered and the weight's gradient in its blocked layout while it runs: measured,
+    twice the weight's bytes (1,179,648 for a 128 x 128 x 3 x 3 float weight)."""
+    return 2 * replay.bytes_of(call.args[2]) if len(call.args) > 2 else 0
+
+
+# Per device type, extern ops (by the name the wrapper calls) -> the bytes they allocate
+# for themselves while they run.
+EXTERN_SCRATCH = {
+    "cpu": {
+        "_scaled_dot_product_flash_attention_for_cpu_backward": _flash_attention_backward_scratch,
+        "convolution": _convolution_scratch,
+        "convolution_backward": _convolution_backward_scratch,
+    },
+}
 
 
 class _Replay:
@@ -66,7 +87,9 @@ class _Replay:
         input_storage: Mapping[str, object],
         strides: Mapping[str, tuple] | None = None,
         shapes: Mapping[str, tuple] | None = None,
+        device_type: str = "cpu",
     ):
+        self._scratch_rules = EXTERN_SCRATCH.get(device_type, {})
         self._buffer_bytes = buffer_bytes
         self._input_storage = input_storage
         self._strides = strides or {}
@@ -203,7 +226,7 @@ class _Replay:
         value = statement.value if isinstance(statement, (ast.Assign, ast.Expr)) else None
         if not isinstance(value, ast.Call):
             return 0
-        rule = EXTERN_SCRATCH.get(_op_name(value))
+        rule = self._scratch_rules.get(_op_name(value))
         return rule(self, value) if rule is not None else 0
 
 
@@ -213,6 +236,7 @@ def wrapper_timeline(
     input_storage: Mapping[str, object],
     strides: Mapping[str, tuple] | None = None,
     shapes: Mapping[str, tuple] | None = None,
+    device_type: str = "cpu",
 ) -> list[int]:
     """Bytes the graph holds after each statement of the wrapper's ``call``.
 
@@ -221,10 +245,10 @@ def wrapper_timeline(
     saved tensors and tangents), mapped to a storage key (inputs sharing one are one
     allocation). Other inputs are someone else's memory and not counted; the graph's
     outputs live on past its end. `strides` and `shapes` (by name, as `buffer_bytes`) let
-    the extern scratch rules tell layouts apart.
+    the extern scratch rules tell layouts apart; `device_type` picks the rules.
     """
     body = _call_body(source)
-    replay = _Replay(buffer_bytes, input_storage, strides, shapes)
+    replay = _Replay(buffer_bytes, input_storage, strides, shapes, device_type)
     for statement in _flatten(body):
         value = statement.value if isinstance(statement, ast.Assign) and len(statement.targets) == 1 else None
         if isinstance(value, ast.Subscript) and isinstance(value.value, ast.Name) and isinstance(statement.targets[0], ast.Name):
@@ -250,6 +274,33 @@ def wrapper_timeline(
             break
         replay.record(replay.scratch(statement))
     return replay.timeline
+
+
+def returned_names(source: str) -> list[str | None]:
+    """The buffer each output of the wrapper's ``call`` is, by position: a returned name,
+    or the name a returned ``reinterpret_tensor`` views; None for anything else."""
+    return [name for name, _ in _returned(source)]
+
+
+def returned_strides(source: str, strides: Mapping[str, tuple]) -> list[tuple | None]:
+    """The strides each output of the wrapper's ``call`` has, by position: a returned
+    buffer's (from `strides`, by name) or a returned ``reinterpret_tensor``'s own."""
+    return [stride if stride is not None else strides.get(name) for name, stride in _returned(source)]
+
+
+def _returned(source: str) -> list[tuple[str | None, tuple | None]]:
+    """Per output of ``call``: the buffer it is (or views), and the strides a view gives it."""
+    for statement in _flatten(_call_body(source)):
+        if isinstance(statement, ast.Return) and isinstance(statement.value, (ast.Tuple, ast.List)):
+            outputs: list[tuple[str | None, tuple | None]] = []
+            for element in statement.value.elts:
+                stride = None
+                if isinstance(element, ast.Call) and _call_name(element.func) in _ALIASING_CALLS and element.args:
+                    stride = _Replay._layout(element, {}, 2)
+                    element = element.args[0]
+                outputs.append((element.id if isinstance(element, ast.Name) else None, stride))
+            return outputs
+    return []
 
 
 def _call_body(source: str) -> list[ast.stmt]:
