@@ -657,11 +657,14 @@ def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule
         device = _device_type(forward)
         code = torch_private.generate_wrapper_code(forward, keep_order=keep_order)
         forward_steps = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides, code.shapes, device)
-        forward.meta[_INPUT_COPIES] = copies = _input_copies(forward, code)
-        owned = {**owned, **{name: name for name in copies}}  # the backward frees its copies
+        forward.meta[_INPUT_COPIES] = _input_copies(forward, code)
+        owned = _owned_as_returned(forward, code, owned)
         strides = _saved_strides(forward, code)
+        # A saved view holds the whole buffer the forward returned it from.
+        sizes = {placeholder: code.buffer_bytes[key] for placeholder, key in owned.items() if key in code.buffer_bytes}
         code = torch_private.generate_wrapper_code(backward, donated, is_backward=True, keep_order=keep_order, input_strides=strides)
-        return forward_steps, wrapper_timeline(code.source, code.buffer_bytes, owned, code.strides, code.shapes, device)
+        sizes = {**code.buffer_bytes, **{name: max(size, code.buffer_bytes.get(name, 0)) for name, size in sizes.items()}}
+        return forward_steps, wrapper_timeline(code.source, sizes, owned, code.strides, code.shapes, device)
     except Exception as error:  # noqa: BLE001 - any failure falls back to the simulation, which the plan says
         forward.meta[_PREDICTION_FALLBACK] = (
             f"the peak is predicted by graphopt's simulation of the graphs, which has been off by up to 5% on "
@@ -682,6 +685,24 @@ def _device_type(graph_module: fx.GraphModule) -> str:
         if isinstance(value, torch.Tensor):
             return value.device.type
     return "cpu"
+
+
+def _owned_as_returned(forward: fx.GraphModule, code: torch_private.WrapperCode, owned: dict[str, object]) -> dict[str, object]:
+    """The backward's owned inputs keyed by the buffer the forward's code returns for
+    each: saved tensors share a storage exactly when Inductor returns one buffer for them
+    (q, k and v may be views of one projection in the graph and three buffers in the
+    code), one the forward copied a graph input into is owned, and one the code returns
+    as a graph input (or a view of it) is that input's memory, counted already."""
+    inputs = {node.name for node in forward.graph.find_nodes(op="placeholder")}
+    owned = dict(owned)
+    for node, name in zip(forward.graph.output_node().args[0], returned_names(code.source)):
+        if not isinstance(node, fx.Node) or name is None:
+            continue
+        if name in inputs:
+            owned.pop(node.name, None)
+        else:
+            owned[node.name] = name
+    return owned
 
 
 def _saved_strides(forward: fx.GraphModule, code: torch_private.WrapperCode) -> dict[str, tuple[int, ...]]:
