@@ -314,7 +314,7 @@ _MONOTONIC_SCRIPT = textwrap.dedent(
         graphopt.compile(model, memory_budget=1, compiler="eager")(*inputs).backward()
     except graphopt.BudgetInfeasibleError as error:
         least = error.least_peak_bytes
-    least = int(least / (1 - 0.04)) + 1  # the least budget with Inductor's default headroom
+    least = int(least / (1 - 0.02)) + 1  # the least budget with Inductor's default headroom
     budgets = [least + (top - least) * i // 7 for i in range(8)]
     points = []
     for budget in reversed(budgets):
