@@ -9,7 +9,15 @@ __version__ = "0.1.0"
 
 from .api import compile, plans  # noqa: E402
 from .budget import parse_budget
-from .errors import BudgetError, BudgetInfeasibleError, GraphoptError, HardwareError, PlanMismatchError, ReplanEarlierGraphs
+from .errors import (
+    BudgetError,
+    BudgetInfeasibleError,
+    GraphoptError,
+    HardwareError,
+    PlanMismatchError,
+    RepeatedGraphError,
+    ReplanEarlierGraphs,
+)
 from .measure import PeakMemory, measure_peak
 from .plan import Decision, Plan
 
@@ -22,6 +30,7 @@ __all__ = [
     "PeakMemory",
     "Plan",
     "PlanMismatchError",
+    "RepeatedGraphError",
     "ReplanEarlierGraphs",
     "compile",
     "measure_peak",

@@ -13,7 +13,9 @@ import torch
 import torch.fx as fx
 
 from . import __version__, torch_private
+from .budget import format_bytes
 from .config import Options, make_options
+from .errors import RepeatedGraphError
 from .passes.optimizer_in_backward import GraphParameters
 from .planner import GivenPlan, Session, partition
 from .trainable import FrozenRowsGuard, GraphTrainable, graph_trainable
@@ -63,9 +65,13 @@ class GraphoptBackend:
             partition, self.session, graph_name, trainable=trainable, graph_parameters=graph_parameters
         )
         if self.session.options.compiler == "eager":
-            return torch_private.compile_without_codegen(graph_module, example_inputs, partition_fn)
-        uuid = f"graphopt-{__version__}-{self.session.options.cache_key()}-{graph_name}"
-        return torch_private.compile_with_inductor(graph_module, example_inputs, partition_fn, uuid)
+            compiled = torch_private.compile_without_codegen(graph_module, example_inputs, partition_fn)
+        else:
+            uuid = f"graphopt-{__version__}-{self.session.options.cache_key()}-{graph_name}"
+            compiled = torch_private.compile_with_inductor(graph_module, example_inputs, partition_fn, uuid)
+        if self.session.options.memory_budget_bytes is None:
+            return compiled
+        return _once_per_backward(compiled, graph_name, self.session)
 
     def _graph_trainable(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphTrainable | None:
         """What each parameter input of this graph trains (None: all of them).
@@ -97,6 +103,47 @@ class GraphoptBackend:
     def _parameter_name(self, value: Any) -> str | None:
         entry = self._names_by_id.get(id(value))
         return entry[0] if entry is not None and entry[1] is value else None
+
+
+def _once_per_backward(compiled: Callable, graph_name: str, session: Session) -> Callable:
+    """`compiled`, refusing to run its forward again while the saved tensors of its
+    previous run wait for their backward (`RepeatedGraphError`): the plan counted them
+    once. A run's backward has come when the gradient of its first output that requires
+    one arrives, or when that output is freed without a backward."""
+    pending = 0
+
+    def release() -> None:
+        nonlocal pending
+        pending -= 1
+
+    def run(*args: Any) -> Any:
+        nonlocal pending
+        recording = torch.is_grad_enabled()
+        if recording and pending:
+            saved = session.saved_bytes.get(graph_name, 0)
+            raise RepeatedGraphError(
+                f"{graph_name} ran its forward again before the backward of its previous run, so the "
+                f"{format_bytes(saved)} it keeps for the backward would be held twice; its plan counts them once "
+                "(graphopt plans each graph as running once per step). This happens when a compiled block is "
+                "called in a Python loop with a graph break inside it, or when several forwards run before one "
+                "backward. Under a memory budget graphopt cannot yet plan a graph that runs several times per "
+                "step: remove the graph break (torch._dynamo.graph_break, a print, an unsupported call) so the "
+                "loop compiles into one graph, or call backward after each forward."
+            )
+        outputs = compiled(*args)
+        waiting = recording and next((o for o in _tensors(outputs) if o.requires_grad), None)
+        if waiting is not None:
+            pending += 1
+            done = weakref.finalize(waiting, release)  # called once: at the gradient or when freed
+            waiting.register_hook(lambda gradient: done() and None)
+        return outputs
+
+    return run
+
+
+def _tensors(outputs: Any) -> list[torch.Tensor]:
+    values = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return [value for value in values if isinstance(value, torch.Tensor)]
 
 
 @dataclasses.dataclass(eq=False)

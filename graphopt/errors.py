@@ -48,3 +48,9 @@ class ReplanEarlierGraphs(GraphoptError):
     def __init__(self, message: str, *, room_after: dict[str, int]):
         super().__init__(message)
         self.room_after = room_after
+
+
+class RepeatedGraphError(GraphoptError):
+    """Under a memory budget, a compiled graph ran its forward again before the backward
+    of its previous run: its saved tensors would be held twice, and its plan counted them
+    once (``graphopt.compile`` plans each graph as running once per step)."""
