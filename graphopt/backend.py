@@ -108,13 +108,29 @@ class GraphoptBackend:
 def _once_per_backward(compiled: Callable, graph_name: str, session: Session) -> Callable:
     """`compiled`, refusing to run its forward again while the saved tensors of its
     previous run wait for their backward (`RepeatedGraphError`): the plan counted them
-    once. A run's backward has come when the gradient of its first output that requires
-    one arrives, or when that output is freed without a backward."""
+    once. A run's backward has come when the gradient of any of its outputs that require
+    one arrives, or when all of those are freed without a backward."""
     pending = 0
 
-    def release() -> None:
+    def awaiting_backward(outputs: list[torch.Tensor]) -> None:
         nonlocal pending
-        pending -= 1
+        pending += 1
+        state = {"open": True, "alive": len(outputs)}
+
+        def done() -> None:
+            nonlocal pending
+            if state["open"]:
+                state["open"] = False
+                pending -= 1
+
+        def freed() -> None:
+            state["alive"] -= 1
+            if not state["alive"]:
+                done()
+
+        for output in outputs:
+            output.register_hook(lambda gradient: done())
+            weakref.finalize(output, freed)
 
     def run(*args: Any) -> Any:
         nonlocal pending
@@ -131,11 +147,9 @@ def _once_per_backward(compiled: Callable, graph_name: str, session: Session) ->
                 "loop compiles into one graph, or call backward after each forward."
             )
         outputs = compiled(*args)
-        waiting = recording and next((o for o in _tensors(outputs) if o.requires_grad), None)
-        if waiting is not None:
-            pending += 1
-            done = weakref.finalize(waiting, release)  # called once: at the gradient or when freed
-            waiting.register_hook(lambda gradient: done() and None)
+        waiting = [output for output in _tensors(outputs) if output.requires_grad] if recording else []
+        if waiting:
+            awaiting_backward(waiting)
         return outputs
 
     return run

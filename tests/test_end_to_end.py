@@ -634,3 +634,21 @@ def test_without_a_budget_a_repeated_graph_runs():
     graphopt.compile(model, compiler="eager")(x).backward()
     eager(x).backward()
     assert_grads_equal(model, eager)
+
+
+class _LossAndAuxiliary(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x).square().mean(), self.b(x)  # the second output is in no loss
+
+
+def test_an_output_kept_past_the_next_forward_does_not_count_as_a_pending_run():
+    """`out = compiled(x)` in a loop keeps the previous step's outputs alive while the
+    next forward runs; the backward of the loss reached the run, so it is not pending."""
+    compiled = graphopt.compile(_LossAndAuxiliary(), memory_budget="50MB", compiler="eager")
+    for _ in range(3):
+        out = compiled(torch.randn(8, 32))
+        out[0].backward()
