@@ -86,7 +86,10 @@ def analyze(
     forward_outputs = set(joint.forward_outputs)
     backward_outputs = set(joint.backward_outputs)
     free_at: dict[fx.Node, int] = {}
+    primals = set(joint.primals)
     for node in joint.forward_nodes:
+        if node in primals:  # graph inputs: static memory, counted once
+            continue
         if node in joint.optional_forward_nodes:  # exists in the forward only if kept
             free_at[node] = position[node] - 1
             continue

@@ -96,6 +96,7 @@ def prepare_joint_graph(
     backward = tuple(
         n for n in joint.graph.nodes if n.op == "call_function" and n not in forward_set and _in_backward(n, node_info)
     )
+    backward = _as_autograd_runs(backward, node_info.tangents_closure)
     placeholders = joint.graph.find_nodes(op="placeholder")
     return JointGraph(
         module=joint,
@@ -110,6 +111,36 @@ def prepare_joint_graph(
         backward_outputs=tuple(n for n in bwd_outputs if isinstance(n, fx.Node)),
         node_info=node_info,
     )
+
+
+def _as_autograd_runs(backward: tuple[fx.Node, ...], tangents_closure: Any) -> tuple[fx.Node, ...]:
+    """The backward's nodes in the order its split runs them: each node that needs no
+    tangent just before its first reader that does, as AOTAutograd orders the backward
+    (``reordering_to_mimic_autograd_engine``). The joint graph may trace such a node at
+    the top of the backward (the squeeze of each BatchNorm's saved inverse deviation),
+    which would make what it reads needed from the backward's first step."""
+    members = set(backward)
+    placed: set[fx.Node] = set()
+    order: list[fx.Node] = []
+
+    def place(root: fx.Node) -> None:
+        stack = [(root, iter(root.all_input_nodes))]
+        while stack:
+            node, sources = stack[-1]
+            source = next((s for s in sources if s in members and s not in placed), None)
+            if source is not None:
+                stack.append((source, iter(source.all_input_nodes)))
+                continue
+            stack.pop()
+            if node not in placed:
+                placed.add(node)
+                order.append(node)
+
+    for node in backward:
+        if node in tangents_closure:
+            place(node)
+    order += [node for node in backward if node not in placed]  # read by no tangent's work
+    return tuple(order)
 
 
 def _computable_in_forward(node: fx.Node, forward_set: set, node_info: Any) -> bool:
