@@ -229,31 +229,14 @@ def test_wide_mlp_predicted_peak_is_within_10_percent_of_the_measured():
 # with its peak-memory reordering off, held dead MLP buffers across the backward.
 _VIT_SCRIPT = textwrap.dedent(
     """
-    import copy
     import json
     import torch
-    import graphopt
     from bench.models import build_vit
+    from tests.compiled_step import measure_compiled_step
 
     torch.manual_seed(0)
     bench_model = build_vit("cpu", "full")
-    model, inputs = bench_model.module, bench_model.inputs
-    reference = copy.deepcopy(model)
-    static = sum(t.numel() * t.element_size() for t in [*model.parameters(), *inputs])
-    compiled = graphopt.compile(model, memory_budget=38_000_000)
-
-    def step():
-        compiled(*inputs).backward()
-
-    step()
-    model.zero_grad(set_to_none=True)
-    _, peak = graphopt.measure_peak(step, device="cpu", cpu_method="allocated")
-    (plan,) = graphopt.plans(compiled)
-    reference(*inputs).backward()
-    grads_equal = all(
-        torch.allclose(p.grad, r.grad, rtol=1e-4, atol=1e-5) for p, r in zip(model.parameters(), reference.parameters())
-    )
-    print(json.dumps({"predicted": plan.predicted_peak_bytes, "measured": peak.peak_bytes + static, "grads_equal": grads_equal}))
+    print(json.dumps(measure_compiled_step(bench_model.module, bench_model.inputs, 38_000_000)))
     """
 )
 
@@ -356,10 +339,11 @@ def test_lower_budgets_never_give_higher_measured_peaks(model):
 # prediction that missed all four.
 _CNN_SCRIPT = textwrap.dedent(
     """
-    import copy, json, sys
+    import json, sys
     import torch
     import graphopt
     from torch import nn
+    from tests.compiled_step import measure_compiled_step
 
     def block(width):
         return nn.Sequential(
@@ -389,21 +373,7 @@ _CNN_SCRIPT = textwrap.dedent(
     probe(*inputs).backward()
     budget = int(graphopt.plans(probe)[0].predicted_peak_bytes * float(sys.argv[1]))
     torch._dynamo.reset()
-    model, inputs = fresh()
-    reference = copy.deepcopy(model)
-    static = sum(t.numel() * t.element_size() for t in [*model.parameters(), *inputs])
-    compiled = graphopt.compile(model, memory_budget=budget)
-    step = lambda: compiled(*inputs).backward()
-    step()
-    model.zero_grad(set_to_none=True)
-    _, peak = graphopt.measure_peak(step, device="cpu", cpu_method="allocated")
-    (plan,) = graphopt.plans(compiled)
-    reference(*inputs).backward()
-    grads_equal = all(
-        torch.allclose(p.grad, r.grad, rtol=1e-4, atol=1e-5) for p, r in zip(model.parameters(), reference.parameters())
-    )
-    print(json.dumps({"budget": budget, "predicted": plan.predicted_peak_bytes, "measured": peak.peak_bytes + static,
-                      "recomputed": sum(d.action == "recompute" for d in plan.decisions), "grads_equal": grads_equal}))
+    print(json.dumps(measure_compiled_step(*fresh(), budget)))
     """
 )
 
