@@ -15,7 +15,7 @@ gradient is returned full size, zero in the frozen rows (``constant_pad_nd``, wh
 Inductor fuses into the kernel writing it): autograd requires a gradient of the
 parameter's shape and torch's dense optimizers read it as such, so the buffer itself
 cannot shrink; what shrinks is the work, and the zero rows keep the frozen channels
-unchanged under the optimizer (see ``trainable.guard_frozen_rows`` for weight decay).
+unchanged under the optimizer (see ``trainable.FrozenRowsGuard`` for weight decay).
 """
 
 from __future__ import annotations
