@@ -143,7 +143,7 @@ def _once_per_backward(compiled: Callable, graph_name: str, session: Session) ->
                 "(graphopt plans each graph as running once per step). This happens when a compiled block is "
                 "called in a Python loop with a graph break inside it, or when several forwards run before one "
                 "backward. Under a memory budget graphopt cannot yet plan a graph that runs several times per "
-                "step: remove the graph break (torch._dynamo.graph_break, a print, an unsupported call) so the "
+                "step: remove the graph break (an explicit graph_break(), a print, an unsupported call) so the "
                 "loop compiles into one graph, or call backward after each forward."
             )
         outputs = compiled(*args)

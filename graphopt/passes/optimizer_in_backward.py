@@ -169,7 +169,7 @@ class OptimizerInBackward:
         if owned:
             raise GraphoptError(
                 f"optimizer= needs the model's parameters as graph inputs, but the captured graph owns {owned[:3]}; "
-                "keep torch._dynamo.config.inline_inbuilt_nn_modules=True (the default)."
+                "keep Dynamo's inline_inbuilt_nn_modules setting True (the default)."
             )
         frame = torch_private.current_frame_id()
         names = torch_private.parameter_input_names(graph_module, example_inputs)
