@@ -692,13 +692,6 @@ def generate_wrapper_code(
     (``_aot_stage2b_bw_compile``).
     """
     from torch._inductor import config as inductor_config
-    from torch._inductor import ir
-    from torch._inductor.compile_fx import _recursive_post_grad_passes
-    from torch._inductor.debug import DebugContext
-    from torch._inductor.graph import GraphLowering
-    from torch._inductor.virtualized import V
-
-    from .cost_models.wrapper_memory import storage_bytes
 
     copy, _ = copy_graph_module(graph_module)
     copy.meta.update(graph_module.meta)
@@ -715,6 +708,26 @@ def generate_wrapper_code(
         patches = {"reorder_for_peak_memory": False, **_buffer_reuse_guard(inductor_config)}
     context = torch._guards.TracingContext(fake_mode)
     context.fw_metadata = types.SimpleNamespace(bw_donated_idxs=list(donated))  # what get_donated_idxs() reads
+    # Constants the graph holds are real tensors (the RNG state torch.utils.checkpoint
+    # saves around a random op), which some lowerings inspect (``aten.is_pinned``).
+    allowed, fake_mode.allow_non_fake_inputs = fake_mode.allow_non_fake_inputs, True
+    try:
+        return _lower_to_wrapper(copy, inputs, fake_mode, context, patches, is_backward, placeholders)
+    finally:
+        fake_mode.allow_non_fake_inputs = allowed
+
+
+def _lower_to_wrapper(copy, inputs, fake_mode, context, patches, is_backward, placeholders) -> WrapperCode:
+    """``generate_wrapper_code``'s lowering of the prepared copy."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor import ir
+    from torch._inductor.compile_fx import _recursive_post_grad_passes
+    from torch._inductor.debug import DebugContext
+    from torch._inductor.graph import GraphLowering
+    from torch._inductor.virtualized import V
+
+    from .cost_models.wrapper_memory import storage_bytes
+
     with torch._guards.tracing(context), V.set_fake_mode(fake_mode), DebugContext(), inductor_config.patch(patches):
         _recursive_post_grad_passes(copy, is_inference=False)
         graph = GraphLowering(copy, example_inputs=inputs, shape_env=fake_mode.shape_env, is_inference=False, is_backward=is_backward)

@@ -437,12 +437,6 @@ _XFAIL = {
         "per-block checkpointing's measured 2.90 MB; the program's budget and the simulated peak of its split "
         "disagree by ~0.9 MB (program 2.48 MB -> simulated 3.38 MB) and each repair round takes ~35 s here"
     ),
-    "gpt2_gradient_checkpointing": (
-        "measured 2.64 MB against a 2.11 MB budget: Inductor's wrapper code cannot be generated for the plan "
-        "(run_and_save_rng_state around HF's SDPA inside torch.utils.checkpoint calls aten.is_pinned on the real "
-        "RNG-state tensor under the FakeTensorMode torch_private.generate_wrapper_code makes), and the FX simulation "
-        "graphopt falls back to predicts 2.00 MB"
-    ),
     "resnet18": (
         "graphopt's least reachable peak on ResNet-18 (117.5 MB) is above per-block checkpointing's measured 90.6 MB "
         "and eager's whole step (90.6 MB): Inductor's CPU convolutions keep weight copies (torch.compile's own step "
