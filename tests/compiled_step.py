@@ -7,6 +7,7 @@ import copy
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 import graphopt
 
@@ -37,3 +38,14 @@ def measure_compiled_step(model: torch.nn.Module, inputs: Sequence[torch.Tensor]
         "recomputed": sum(d.action == "recompute" for d in plan.decisions),
         "grads_equal": grads_equal,
     }
+
+
+class MLPLoss(nn.Module):
+    """Linear-GELU blocks with the loss inside the model, so the compiled graph is the whole step."""
+
+    def __init__(self, width: int, blocks: int):
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x).square().mean()

@@ -82,13 +82,7 @@ _ACCUMULATION_MEMORY_SCRIPT = textwrap.dedent(
     import graphopt
     from torch import nn
 
-    class MLPLoss(nn.Module):
-        def __init__(self, width, blocks):
-            super().__init__()
-            self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(blocks)])
-
-        def forward(self, x):
-            return self.blocks(x).square().mean()
+    from tests.compiled_step import MLPLoss
 
     torch.manual_seed(0)
     width, batch, blocks, budget = 1024, 1024, 8, int(sys.argv[1])

@@ -70,13 +70,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import graphopt
     from torch import nn
 
-    class MLPLoss(nn.Module):  # the loss inside the model, so the compiled graph is the whole step
-        def __init__(self, width, blocks):
-            super().__init__()
-            self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(blocks)])
-
-        def forward(self, x):
-            return self.blocks(x).square().mean()
+    from tests.compiled_step import MLPLoss
 
     torch.manual_seed(0)
     width, batch, blocks = 1024, 2048, 8
