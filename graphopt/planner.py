@@ -601,8 +601,8 @@ def _split_and_simulate(joint, analysis: Analysis, solution: Solution, options: 
         forward, backward = torch_private.split_joint_graph(joint, lowered.saved, lowered.module)
         node_ms = lambda node: estimate_node_cost(node, options.hardware).ms  # noqa: E731
         owned = _backward_owned_inputs(analysis, backward)
-        peak = lambda graph_module: max(graph_timeline(graph_module, owned), default=0)  # noqa: E731
-        if hoist_prefetches(backward, node_ms, options.hardware.host_link_bytes_per_s, peak):
+        timeline = lambda graph_module: graph_timeline(graph_module, owned)  # noqa: E731
+        if hoist_prefetches(backward, node_ms, options.hardware.host_link_bytes_per_s, timeline):
             # Inductor's peak-memory reordering would sink the early copies back to their use.
             torch_private.keep_order_through_inductor(backward)
     backward = place_updates(backward, joint)

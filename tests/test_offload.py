@@ -213,7 +213,8 @@ def test_prefetch_is_hoisted_until_compute_hides_the_copy():
     """1 MiB over a 1 GiB/s link is ~0.98 ms; at 0.4 ms per op three ops hide it, so the
     copy starts three ops before its wait, not next to it."""
     module, prefetch = _backward_with_a_prefetch(compute_nodes=5)
-    moved = offload_ops.hoist_prefetches(module, lambda node: 0.4, 2**30, peak_bytes=lambda graph_module: 0)
+    levels = [0, 0, 0, 0, 0, 0, 0, MB, MB, 2 * MB, 0]  # the peak is the last add's
+    moved = offload_ops.hoist_prefetches(module, lambda node: 0.4, 2**30, timeline=lambda graph_module: levels)
     order = list(module.graph.nodes)
     assert moved == 1
     wait = next(iter(prefetch.users))
@@ -225,15 +226,23 @@ def test_prefetch_is_hoisted_until_compute_hides_the_copy():
 def test_a_prefetch_no_compute_can_hide_stays_at_its_use():
     """Hoisted to the top it would hide a fifth of the copy and hold 1 MiB all along."""
     module, prefetch = _backward_with_a_prefetch(compute_nodes=2)
-    assert offload_ops.hoist_prefetches(module, lambda node: 0.1, 2**30, peak_bytes=lambda graph_module: 0) == 0
+    assert offload_ops.hoist_prefetches(module, lambda node: 0.1, 2**30, timeline=lambda graph_module: []) == 0
     assert prefetch.next.target is offload_ops.WAIT
 
 
 def test_a_prefetch_that_would_raise_the_peak_stays_at_its_use():
+    """The graph peaks (10 MiB) at the fourth sine, where the early copy would also be."""
     module, prefetch = _backward_with_a_prefetch(compute_nodes=5)
+    levels = [0, 0, 0, 0, 0, 10 * MB, 0, MB, MB, 0, 0]  # host, x, 5 sines, prefetch, wait, add, output
 
-    def peak(graph_module):  # pretend the copy costs memory wherever it is not next to its wait
-        return 0 if prefetch.next.target is offload_ops.WAIT else 1
-
-    assert offload_ops.hoist_prefetches(module, lambda node: 0.4, 2**30, peak_bytes=peak) == 0
+    assert offload_ops.hoist_prefetches(module, lambda node: 0.4, 2**30, timeline=lambda graph_module: levels) == 0
     assert prefetch.next.target is offload_ops.WAIT
+
+
+def test_a_prefetch_moves_when_the_steps_it_spans_have_room():
+    """The same graph peaking before the copy's start: it moves, and a second copy over
+    the same steps would see the first's bytes (one simulation for all moves)."""
+    module, prefetch = _backward_with_a_prefetch(compute_nodes=5)
+    levels = [0, 0, 0, 10 * MB, 0, 0, 0, MB, MB, 0, 0]
+
+    assert offload_ops.hoist_prefetches(module, lambda node: 0.4, 2**30, timeline=lambda graph_module: levels) == 1

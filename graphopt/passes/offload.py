@@ -30,7 +30,7 @@ copy queued on the side stream so far: slower, never wrong.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -137,7 +137,7 @@ def hoist_prefetches(
     backward: fx.GraphModule,
     node_ms: Callable[[fx.Node], float],
     host_link_bytes_per_s: float,
-    peak_bytes: Callable[[fx.GraphModule], int],
+    timeline: Callable[[fx.GraphModule], Sequence[int]],
 ) -> int:
     """Start each prefetch early enough that the compute before its first use hides the
     copy, as the cost model assumed (``alternatives.AlternativePricer``): at the latest
@@ -147,12 +147,17 @@ def hoist_prefetches(
 
     A prefetch stays at its use when the compute below what it reads, another graphopt op
     or a placeholder cannot hide the copy (the cost model then charges the whole copy),
-    and when moving it would raise the graph's peak (`peak_bytes`, the simulation): the
-    early copy holds its tensor all the while, and the budget comes first. Returns how
+    and when moving it would raise the graph's peak: the early copy holds its tensor all
+    the while, and the budget comes first. `timeline` (the simulation: bytes in use after
+    each node) is read once, before any move; each move then adds the copy's bytes to the
+    steps it now spans, so placing n prefetches costs one simulation, not n. Returns how
     many prefetches moved.
     """
+    nodes = list(backward.graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    levels = list(timeline(backward)) or [0] * len(nodes)
+    ceiling = max(levels, default=0)
     moved = 0
-    ceiling = peak_bytes(backward)
     for prefetch in list(backward.graph.find_nodes(op="call_function", target=PREFETCH)):
         waits = [user for user in prefetch.users if user.target is WAIT]
         if not waits:
@@ -160,10 +165,13 @@ def hoist_prefetches(
         anchor = _hiding_start(prefetch, waits[0], node_ms, host_link_bytes_per_s)
         if anchor is None:
             continue
-        anchor.prepend(prefetch)
-        if peak_bytes(backward) > ceiling:
-            waits[0].prepend(prefetch)
+        spanned = range(position[anchor], position[prefetch])  # steps the copy now also spans
+        size = value_bytes(prefetch.meta.get("val"))
+        if any(levels[step] + size > ceiling for step in spanned):
             continue
+        for step in spanned:
+            levels[step] += size
+        anchor.prepend(prefetch)
         moved += 1
     if moved:
         backward.graph.lint()
