@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from . import __version__, torch_private
 from .budget import format_bytes
+from .chunking import compile_with_chunking
 from .config import Options, make_options
 from .errors import RepeatedGraphError
 from .passes.optimizer_in_backward import GraphParameters
@@ -64,11 +65,15 @@ class GraphoptBackend:
         partition_fn = functools.partial(
             partition, self.session, graph_name, trainable=trainable, graph_parameters=graph_parameters
         )
-        if self.session.options.compiler == "eager":
-            compiled = torch_private.compile_without_codegen(graph_module, example_inputs, partition_fn)
-        else:
+
+        def compile_graph(graph: fx.GraphModule) -> Callable:
+            if self.session.options.compiler == "eager":
+                return torch_private.compile_without_codegen(graph, example_inputs, partition_fn)
             uuid = f"graphopt-{__version__}-{self.session.options.cache_key()}-{graph_name}"
-            compiled = torch_private.compile_with_inductor(graph_module, example_inputs, partition_fn, uuid)
+            return torch_private.compile_with_inductor(graph, example_inputs, partition_fn, uuid)
+
+        # The head + loss in chunks when the budget needs it (chunking.py).
+        compiled = compile_with_chunking(self.session, graph_name, graph_module, compile_graph)
         if self.session.options.memory_budget_bytes is None:
             return compiled
         return _once_per_backward(compiled, graph_name, self.session)

@@ -285,6 +285,15 @@ def inductor_estimates_input(name: str) -> bool:
     return not name.startswith(("primals_", "arg", "fwd_rng_state", "bwd_rng_state", "tangents"))
 
 
+# What Dynamo records for ``nn.Linear`` and ``F.linear``: the private binding, or the public one.
+_LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def is_linear_call(node: fx.Node) -> bool:
+    """Whether a Dynamo graph's node is a call of ``linear`` (passes/chunk_loss.py)."""
+    return node.op == "call_function" and node.target in _LINEAR_FUNCTIONS
+
+
 def is_random(node: fx.Node) -> bool:
     """Whether the node draws random numbers, so a recomputation would draw others.
 
@@ -870,6 +879,22 @@ def copy_graph_module(module: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.N
     output = next(iter(module.graph.find_nodes(op="output")))
     graph.output(result).meta = dict(output.meta)
     return fx.GraphModule(module, graph), copy_of
+
+
+def copy_dynamo_graph_module(module: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, fx.Node]]:
+    """A copy of a graph Dynamo captured, to rewrite before AOTAutograd traces it, and
+    the copy's nodes by name. AOTAutograd reads what Dynamo attached besides the graph:
+    each placeholder's ``_dynamo_source``, the module's ``_param_name_to_source`` and
+    ``meta``; the copy carries them."""
+    copy, copy_of = copy_graph_module(module)
+    for node, copied in copy_of.items():
+        if hasattr(node, "_dynamo_source"):
+            copied._dynamo_source = node._dynamo_source
+    for name, value in vars(module).items():
+        if name not in vars(copy):
+            setattr(copy, name, value)
+    copy.meta = dict(module.meta)
+    return copy, {node.name: node for node in copy.graph.nodes}
 
 
 # The partitioner's node tags that pin a node to one side of the split

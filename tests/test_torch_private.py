@@ -27,6 +27,7 @@ aten = torch.ops.aten
 
 # (module, attribute): every private name torch_private.py reaches, and where it does.
 PRIVATE_NAMES = [
+    ("torch._C._nn", "linear", "is_linear_call"),
     ("torch._dynamo.exc", "ShortenTraceback", "PassesThroughDynamo"),
     ("torch._dynamo.backends.common", "aot_autograd", "compile_without_codegen"),
     ("torch._functorch.config", "cse", "prepare_joint_graph"),

@@ -1,0 +1,133 @@
+"""The chunk decision: whether a graph's head + cross-entropy runs in k chunks of tokens.
+
+An outer choice around the keep/recompute/offload/quantize program: the logits are
+needed whole by the loss, so no decision of the program can shrink them; chunking
+removes them (passes/chunk_loss.py). The graph is planned as it is first; only when no
+plan fits the budget are the recognised regions chunked, k = 2, 4, 8, ... until the
+program fits, and the smallest such k wins (more chunks only add time: each reads the
+head's weight again and adds to the weight's gradient). The chosen k, what it saves and
+what it costs go into the plan (``Plan.chunking``) with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch.fx as fx
+
+from .budget import format_bytes
+from .cost_models.hardware import HardwareProfile
+from .errors import BudgetInfeasibleError, ReplanEarlierGraphs
+from .passes.chunk_loss import LossRegion, chunk_loss, find_loss_regions
+from .plan import Chunking
+from .planner import Session
+
+# Chunk counts tried, in order, once the graph fits no plan unchunked.
+CHUNK_COUNTS = (2, 4, 8, 16, 32, 64)
+# A chunk keeps at least this many tokens (fewer would leave the matmuls too thin).
+MIN_CHUNK_TOKENS = 16
+# Kernels one chunk adds (logits matmul, softmax reductions, gradient, two matmuls, sums).
+KERNELS_PER_CHUNK = 8
+
+CompileGraph = Callable[[fx.GraphModule], Callable]
+
+
+def compile_with_chunking(session: Session, graph_name: str, graph_module: fx.GraphModule, compile_graph: CompileGraph) -> Callable:
+    """``compile_graph(graph_module)``, or of a copy with its head + loss chunked when
+    the budget needs it. Without a budget, or without a recognised region, the graph
+    is compiled as it is, and so is one given a saved plan (made for the graph as it is)."""
+    planned = session.options.memory_budget_bytes is not None and graph_name not in session.given
+    regions = find_loss_regions(graph_module) if planned else []
+    if not regions:
+        return compile_graph(graph_module)
+    chunkable = [region for region in regions if region.unchunkable is None]
+    try:
+        compiled = compile_graph(graph_module)
+    except (BudgetInfeasibleError, ReplanEarlierGraphs) as error:
+        if not chunkable:
+            raise _with_note(error, regions) from None
+        unchunked = error
+    else:
+        _record(session, graph_name, [_not_needed(region) for region in regions])
+        return compiled
+    last = unchunked
+    for chunks in chunk_counts(chunkable):
+        rewritten = chunk_loss(graph_module, {region.loss: chunks for region in chunkable})
+        try:
+            compiled = compile_graph(rewritten.graph_module)
+        except (BudgetInfeasibleError, ReplanEarlierGraphs) as error:
+            last = error
+            continue
+        hardware = session.options.hardware
+        decisions = [_chunked(region, chunks, unchunked, hardware) for region in chunkable]
+        _record(session, graph_name, decisions + [_not_needed(r) for r in regions if r.unchunkable])
+        return compiled
+    raise _with_note(last, regions, tried=max(chunk_counts(chunkable), default=1)) from None
+
+
+def chunk_counts(regions: Sequence[LossRegion]) -> list[int]:
+    """The chunk counts worth trying for `regions`: each chunk keeps MIN_CHUNK_TOKENS."""
+    tokens = min(region.tokens for region in regions)
+    return [count for count in CHUNK_COUNTS if tokens // count >= MIN_CHUNK_TOKENS]
+
+
+def chunking_added_ms(region: LossRegion, chunks: int, hardware: HardwareProfile | None) -> float:
+    """What computing `region` in `chunks` chunks adds to the step, on the roofline:
+    each chunk after the first reads the head's weight twice more (logits and the
+    hidden states' gradient) and adds its part of the weight's gradient to a float32
+    sum (read and write), and launches its own kernels. The FLOPs are the same."""
+    if hardware is None or chunks <= 1:
+        return 0.0
+    weight_bytes = region.vocab * region.hidden_size * region.weight_dtype.itemsize
+    sum_bytes = region.vocab * region.hidden_size * 4
+    extra_bytes = (chunks - 1) * (2 * weight_bytes + 3 * sum_bytes)
+    return extra_bytes / hardware.memory_bandwidth_bytes_per_s * 1e3 + chunks * KERNELS_PER_CHUNK * hardware.kernel_overhead_ms
+
+
+def _chunked(region: LossRegion, chunks: int, unchunked: Exception, hardware: HardwareProfile | None) -> Chunking:
+    least = getattr(unchunked, "least_peak_bytes", None)
+    why = (
+        f"unchunked, the least reachable peak is {format_bytes(least)}, over the budget"
+        if least is not None
+        else "unchunked, no plan fits the budget"
+    )
+    return Chunking(
+        region=region.label,
+        chunks=chunks,
+        full_bytes=region.logits_bytes,
+        chunk_bytes=-(-region.tokens // chunks) * region.vocab * region.logits_dtype.itemsize,
+        added_ms=chunking_added_ms(region, chunks, hardware),
+        reason=f"{why}; {chunks} is the fewest chunks that fit",
+    )
+
+
+def _not_needed(region: LossRegion) -> Chunking:
+    reason = f"not chunked: {region.unchunkable}" if region.unchunkable else "not chunked: the budget is met without it"
+    return Chunking(region.label, 1, region.logits_bytes, region.logits_bytes, 0.0, reason)
+
+
+def _record(session: Session, graph_name: str, decisions: list[Chunking]) -> None:
+    """Put the chunk decisions into the plan the graph was just given."""
+    for plan in session.plans:
+        if plan.graph == graph_name:
+            session.record(dataclasses.replace(plan, chunking=tuple(decisions)), session.saved_bytes.get(graph_name, 0))
+            return
+
+
+def _with_note(error: Exception, regions: Sequence[LossRegion], *, tried: int = 1) -> Exception:
+    """`error` with a sentence on the head + loss regions: chunked up to `tried`, or why not."""
+    notes = []
+    for region in regions:
+        if region.unchunkable:
+            notes.append(f"{region.label} ({format_bytes(region.logits_bytes)} of logits) was not chunked: {region.unchunkable}")
+        elif tried > 1:
+            notes.append(f"{region.label} was tried in up to {tried} chunks")
+    if not notes or not isinstance(error, BudgetInfeasibleError):
+        return error
+    return BudgetInfeasibleError(
+        f"{error} ({'; '.join(notes)}.)",
+        least_peak_bytes=error.least_peak_bytes,
+        least_budget_bytes=error.least_budget_bytes,
+        breakdown=error.breakdown,
+    )
