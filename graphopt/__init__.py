@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .api import compile, plans  # noqa: E402
 from .budget import parse_budget
+from .distributed import RankMemory, rank_memory
 from .errors import (
     BudgetError,
     BudgetInfeasibleError,
@@ -30,10 +31,12 @@ __all__ = [
     "PeakMemory",
     "Plan",
     "PlanMismatchError",
+    "RankMemory",
     "RepeatedGraphError",
     "ReplanEarlierGraphs",
     "compile",
     "measure_peak",
     "parse_budget",
     "plans",
+    "rank_memory",
 ]

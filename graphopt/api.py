@@ -9,6 +9,7 @@ import torch
 
 from .backend import GraphoptBackend
 from .config import Options, make_options
+from .distributed import is_ddp, rank_memory
 from . import torch_private
 from .errors import GraphoptError, ReplanEarlierGraphs
 from .plan import Plan
@@ -113,7 +114,23 @@ def compile(  # noqa: A001 - mirrors torch.compile
     object.__setattr__(compiled, _SESSION_ATTRIBUTE, backend)
     if isinstance(model, torch.nn.Module):
         _replan_on_request(compiled, model, fullgraph=fullgraph, dynamic=dynamic)
+    if is_ddp(model):
+        _one_graph_under_ddp(compiled)
     return compiled
+
+
+def _one_graph_under_ddp(compiled: torch.nn.Module) -> None:
+    """Have Dynamo compile a DDP model as one graph, which graphopt plans whole against
+    the budget: without this its DDPOptimizer splits the graph at every gradient bucket,
+    and graphopt would plan the pieces one after another (docs/distributed.md). DDP's
+    reducer then all-reduces the buckets after the backward instead of during it."""
+    forward = torch_private.compiled_forward(compiled)
+
+    def one_graph_forward(*args: Any, **kwargs: Any) -> Any:
+        with torch_private.one_graph_under_ddp():
+            return forward(*args, **kwargs)
+
+    torch_private.set_compiled_forward(compiled, one_graph_forward)
 
 
 def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **compile_kwargs: Any) -> None:
@@ -156,11 +173,7 @@ def plans(compiled: Any) -> list[Plan]:
 
 
 def _static_bytes(model: Any) -> int:
-    """Bytes of the model's parameters and buffers, each storage counted once."""
-    if not isinstance(model, torch.nn.Module):
-        return 0
-    storages = {}
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    """Bytes this rank holds for the model: its parameters and buffers (each storage
+    once; an FSDP2 parameter's local shard), and under DDP or FSDP2 what they hold
+    besides (graphopt/distributed.py)."""
+    return rank_memory(model).total_bytes

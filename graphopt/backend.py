@@ -152,7 +152,10 @@ def _once_per_backward(compiled: Callable, graph_name: str, session: Session) ->
                 "loop compiles into one graph, or call backward after each forward."
             )
         outputs = compiled(*args)
-        waiting = [output for output in _tensors(outputs) if output.requires_grad] if recording else []
+        # Fake outputs come from a run at compile time (Dynamo's DDP graph splitting runs
+        # each piece on fake tensors to trace the next): no backward follows it.
+        real = [output for output in _tensors(outputs) if not torch_private.is_fake(output)]
+        waiting = [output for output in real if output.requires_grad] if recording else []
         if waiting:
             awaiting_backward(waiting)
         return outputs

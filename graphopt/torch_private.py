@@ -412,6 +412,20 @@ def set_compiled_forward(compiled: torch.nn.Module, forward: Callable) -> None:
     compiled.forward = forward
 
 
+def one_graph_under_ddp() -> Any:
+    """A context in which Dynamo compiles a ``DistributedDataParallel`` module's forward
+    as one graph: its DDPOptimizer, which splits the graph at gradient-bucket boundaries
+    so that each bucket's all-reduce overlaps the rest of the backward, is off. DDP's
+    reducer then all-reduces every bucket after the compiled backward. Read by Dynamo
+    when it converts a frame, so it must surround the calls, not the compile."""
+    return torch._dynamo.config.patch(optimize_ddp=False)
+
+
+def is_fake(value: Any) -> bool:
+    """Whether `value` is a fake tensor (a compile-time stand-in, no data)."""
+    return isinstance(value, FakeTensor)
+
+
 def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn, uuid: str) -> Callable:
     """Inductor's full pipeline (joint-graph passes, decompositions, codegen) with our cut.
 

@@ -30,6 +30,7 @@ PRIVATE_NAMES = [
     ("torch._C._nn", "linear", "is_linear_call"),
     ("torch._dynamo.exc", "ShortenTraceback", "PassesThroughDynamo"),
     ("torch._dynamo.backends.common", "aot_autograd", "compile_without_codegen"),
+    ("torch._dynamo.config", "optimize_ddp", "one_graph_under_ddp"),
     ("torch._functorch.config", "cse", "prepare_joint_graph"),
     ("torch._functorch.config", "enable_autograd_cache", "compile_with_inductor"),
     ("torch._functorch.config", "donated_buffer", "backward_donated_inputs"),
@@ -84,7 +85,7 @@ PRIVATE_NAMES = [
     ("torch._inductor.utils", "is_nonfreeable_buffers", "inductor_estimates_input"),
     ("torch._ops", "OpOverload", "overload_packet / is_pointwise / is_random"),
     ("torch._ops", "OpOverloadPacket", "overload_packet"),
-    ("torch._subclasses.fake_tensor", "FakeTensor", "UserCodeMode"),
+    ("torch._subclasses.fake_tensor", "FakeTensor", "UserCodeMode / is_fake"),
     ("torch._subclasses.fake_tensor", "FakeTensorMode", "new_fake_mode"),
     ("torch.fx.traceback", "set_current_meta", "UserCodeMode"),
     ("torch.fx.experimental.proxy_tensor", "is_sym_node", "is_symbol / split_joint_graph"),
@@ -420,6 +421,20 @@ def test_compiled_forward_routes_calls():
     assert callable(torch_private.compiled_forward(compiled))
     torch_private.set_compiled_forward(compiled, lambda x: "routed")
     assert compiled(torch.randn(1, 2)) == "routed"
+
+
+def test_one_graph_under_ddp_turns_dynamos_ddp_splitting_off_and_back():
+    before = torch._dynamo.config.optimize_ddp
+    with torch_private.one_graph_under_ddp():
+        assert torch._dynamo.utils.get_optimize_ddp_mode() == "no_optimization"
+    assert torch._dynamo.config.optimize_ddp == before
+
+
+def test_is_fake_tells_fake_tensors_from_real_ones():
+    with torch_private.new_fake_mode():
+        fake = torch.empty(2)
+    assert torch_private.is_fake(fake)
+    assert not torch_private.is_fake(torch.empty(2))
 
 
 def test_compile_without_codegen_runs_the_partitioned_graphs():
