@@ -16,7 +16,7 @@ from . import __version__, torch_private
 from .budget import format_bytes
 from .chunking import compile_with_chunking
 from .config import Options, make_options
-from .errors import RepeatedGraphError
+from .errors import GraphoptError, RepeatedGraphError
 from .passes.optimizer_in_backward import GraphParameters
 from .planner import GivenPlan, Session, partition
 from .trainable import FrozenRowsGuard, GraphTrainable, graph_trainable
@@ -58,6 +58,14 @@ class GraphoptBackend:
         return GraphoptBackend(self.session.options, self._parameters, self._selection, room_after)
 
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if self.session.options.memory_budget_bytes is not None and torch_private.compiling_ddp_bucket_graph():
+            raise GraphoptError(
+                "torch.compile split this DDP model's graph at its gradient buckets (Dynamo's DDP optimization). "
+                "graphopt plans such pieces one after another and does not count a later piece's gradients "
+                "during an earlier piece's backward, so the budget would not hold (18% over on the model of "
+                "docs/distributed.md). Use graphopt.compile(model, memory_budget=...), which compiles a DDP model "
+                "as one graph, or turn Dynamo's optimize_ddp setting off around the calls."
+            )
         graph_name = f"graph_{self._graphs}"
         self._graphs += 1
         trainable = self._graph_trainable(graph_module, example_inputs)

@@ -421,6 +421,13 @@ def one_graph_under_ddp() -> Any:
     return torch._dynamo.config.patch(optimize_ddp=False)
 
 
+def compiling_ddp_bucket_graph() -> bool:
+    """Whether the graph being compiled is one piece of a DDP model that Dynamo's
+    DDPOptimizer split at its gradient buckets (it marks the tracing context)."""
+    context = torch._guards.TracingContext.try_get()
+    return context is not None and getattr(context, "ddp_optimizer_ctx", None) is not None
+
+
 def is_fake(value: Any) -> bool:
     """Whether `value` is a fake tensor (a compile-time stand-in, no data)."""
     return isinstance(value, FakeTensor)

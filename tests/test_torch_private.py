@@ -61,7 +61,7 @@ PRIVATE_NAMES = [
     ("torch._functorch.partitioners", "min_cut_rematerialization_partition", "min_cut_partition"),
     ("torch._functorch.partitioners", "must_recompute", "checkpoint_policy (the 'recompute' meta key)"),
     ("torch._guards", "detect_fake_mode", "generate_wrapper_code / NodeEmitter"),
-    ("torch._guards", "TracingContext", "generate_wrapper_code"),
+    ("torch._guards", "TracingContext", "generate_wrapper_code / compiling_ddp_bucket_graph"),
     ("torch._guards", "tracing", "generate_wrapper_code"),
     ("torch._guards", "CompileContext", "current_frame_id"),
     ("torch._inductor.compile_fx", "compile_fx", "compile_with_inductor"),
@@ -428,6 +428,16 @@ def test_one_graph_under_ddp_turns_dynamos_ddp_splitting_off_and_back():
     with torch_private.one_graph_under_ddp():
         assert torch._dynamo.utils.get_optimize_ddp_mode() == "no_optimization"
     assert torch._dynamo.config.optimize_ddp == before
+
+
+def test_compiling_ddp_bucket_graph_reads_the_mark_ddp_splitting_leaves():
+    assert not torch_private.compiling_ddp_bucket_graph()
+    context = torch._guards.TracingContext(torch_private.new_fake_mode())
+    assert context.ddp_optimizer_ctx is None  # DDPOptimizer sets it while it compiles the pieces
+    with torch._guards.tracing(context):
+        assert not torch_private.compiling_ddp_bucket_graph()
+        context.ddp_optimizer_ctx = object()
+        assert torch_private.compiling_ddp_bucket_graph()
 
 
 def test_is_fake_tells_fake_tensors_from_real_ones():
