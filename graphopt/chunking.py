@@ -12,7 +12,9 @@ what it costs go into the plan (``Plan.chunking``) with the reason.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch.fx as fx
 
@@ -31,6 +33,7 @@ MIN_CHUNK_TOKENS = 16
 KERNELS_PER_CHUNK = 8
 
 CompileGraph = Callable[[fx.GraphModule], Callable]
+T = TypeVar("T")
 
 
 def compile_with_chunking(session: Session, graph_name: str, graph_module: fx.GraphModule, compile_graph: CompileGraph) -> Callable:
@@ -41,29 +44,51 @@ def compile_with_chunking(session: Session, graph_name: str, graph_module: fx.Gr
     regions = find_loss_regions(graph_module) if planned else []
     if not regions:
         return compile_graph(graph_module)
-    chunkable = [region for region in regions if region.unchunkable is None]
+
+    def attempt(chunks: int) -> Callable:
+        if chunks == 1:
+            return compile_graph(graph_module)
+        chunked = [region.loss for region in regions if region.unchunkable is None]
+        return compile_graph(chunk_loss(graph_module, dict.fromkeys(chunked, chunks)).graph_module)
+
+    compiled, decisions = fit_with_chunking(attempt, lambda: regions, session.options.hardware)
+    for plan in session.plans:  # the plan the graph was just given
+        if plan.graph == graph_name:
+            session.record(dataclasses.replace(plan, chunking=tuple(decisions)), session.saved_bytes.get(graph_name, 0))
+    return compiled
+
+
+def fit_with_chunking(
+    attempt: Callable[[int], T], regions_of: Callable[[], Sequence[LossRegion]], hardware: HardwareProfile | None
+) -> tuple[T, list[Chunking]]:
+    """``attempt(1)`` (the graph as it is), or, when that fits no plan, ``attempt(k)``
+    for the fewest chunks k that fits, with the chunk decision for each region.
+    `regions_of()` gives the regions once the first attempt has run (an offline trace
+    finds them as it goes). Raises the error of the attempt with the lowest least peak,
+    saying what was tried."""
     try:
-        compiled = compile_graph(graph_module)
+        result = attempt(1)
     except (BudgetInfeasibleError, ReplanEarlierGraphs) as error:
-        if not chunkable:
-            raise _with_note(error, regions) from None
         unchunked = error
     else:
-        _record(session, graph_name, [_not_needed(region) for region in regions])
-        return compiled
-    last = unchunked
+        return result, [_not_needed(region) for region in regions_of()]
+    regions = list(regions_of())
+    chunkable = [region for region in regions if region.unchunkable is None]
+    if not chunkable:
+        raise _with_note(unchunked, regions) from None
+    errors: dict[int, Exception] = {1: unchunked}
     for chunks in chunk_counts(chunkable):
-        rewritten = chunk_loss(graph_module, {region.loss: chunks for region in chunkable})
         try:
-            compiled = compile_graph(rewritten.graph_module)
+            result = attempt(chunks)
         except (BudgetInfeasibleError, ReplanEarlierGraphs) as error:
-            last = error
+            errors[chunks] = error
             continue
-        hardware = session.options.hardware
         decisions = [_chunked(region, chunks, unchunked, hardware) for region in chunkable]
-        _record(session, graph_name, decisions + [_not_needed(r) for r in regions if r.unchunkable])
-        return compiled
-    raise _with_note(last, regions, tried=max(chunk_counts(chunkable), default=1)) from None
+        return result, decisions + [_not_needed(region) for region in regions if region.unchunkable]
+    # The lowest least peak of any chunk count (chunks hold the weight's gradient from
+    # the forward on, so on a narrow vocabulary fewer chunks, or none, may reach lower).
+    least = min(errors, key=lambda chunks: getattr(errors[chunks], "least_peak_bytes", math.inf))
+    raise _with_note(errors[least], regions, tried=sorted(errors), least_at=least) from None
 
 
 def chunk_counts(regions: Sequence[LossRegion]) -> list[int]:
@@ -107,22 +132,16 @@ def _not_needed(region: LossRegion) -> Chunking:
     return Chunking(region.label, 1, region.logits_bytes, region.logits_bytes, 0.0, reason)
 
 
-def _record(session: Session, graph_name: str, decisions: list[Chunking]) -> None:
-    """Put the chunk decisions into the plan the graph was just given."""
-    for plan in session.plans:
-        if plan.graph == graph_name:
-            session.record(dataclasses.replace(plan, chunking=tuple(decisions)), session.saved_bytes.get(graph_name, 0))
-            return
-
-
-def _with_note(error: Exception, regions: Sequence[LossRegion], *, tried: int = 1) -> Exception:
-    """`error` with a sentence on the head + loss regions: chunked up to `tried`, or why not."""
+def _with_note(error: Exception, regions: Sequence[LossRegion], *, tried: Sequence[int] = (1,), least_at: int = 1) -> Exception:
+    """`error` with a sentence on the head + loss regions: the chunk counts `tried` and
+    the one whose least peak `error` reports, or why a region was not chunked."""
     notes = []
     for region in regions:
         if region.unchunkable:
             notes.append(f"{region.label} ({format_bytes(region.logits_bytes)} of logits) was not chunked: {region.unchunkable}")
-        elif tried > 1:
-            notes.append(f"{region.label} was tried in up to {tried} chunks")
+        elif len(tried) > 1:
+            at = "unchunked" if least_at == 1 else f"in {least_at} chunks"
+            notes.append(f"{region.label} was tried whole and in {tried[1]} to {tried[-1]} chunks; the least peak is {at}")
     if not notes or not isinstance(error, BudgetInfeasibleError):
         return error
     return BudgetInfeasibleError(

@@ -68,6 +68,15 @@ def chunk_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def _add_product(total: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``total + left @ right`` in float32. In float32 one ``addmm``: the product never
+    exists beside the sum, so a block holds two weight-sized buffers, not three."""
+    if left.dtype != torch.float32:
+        product = (left @ right).to(torch.float32)
+        return product if total is None else total + product
+    return left @ right if total is None else torch.addmm(total, left, right)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Forward: the loss and, where needed, the inputs' gradients for a loss gradient of 1.
     Backward: those gradients times the loss's gradient."""
@@ -80,8 +89,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         scale = valid.sum().to(torch.float32) if reduction == "mean" else None
         total = None
         hidden_gradients = []
-        weight_gradient = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
-        bias_gradient = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if grad_bias else None
+        weight_gradient = bias_gradient = None  # float32 sums over blocks, from the first block on
         classes = torch.arange(weight.shape[0], device=rows.device)
         for start, stop in chunk_bounds(rows.shape[0], chunks):
             block = rows[start:stop]
@@ -109,9 +117,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_rows:
                 hidden_gradients.append(gradient @ weight)
             if grad_weight:
-                weight_gradient = weight_gradient + (gradient.t() @ block).to(torch.float32)
+                weight_gradient = _add_product(weight_gradient, gradient.t(), block)
             if grad_bias:
-                bias_gradient = bias_gradient + gradient.sum(dim=0).to(torch.float32)
+                part = gradient.sum(dim=0).to(torch.float32)
+                bias_gradient = part if bias_gradient is None else bias_gradient + part
         loss = (total / scale).to(total.dtype) if scale is not None else total
         hidden_gradient = torch.cat(hidden_gradients) if grad_rows else None
         weight_gradient = weight_gradient.to(weight.dtype) if grad_weight else None
