@@ -171,12 +171,18 @@ def plan_command(args: argparse.Namespace) -> int:
             return {"plans": step.plan(options)}
         return pareto(step, options)
 
-    try:
-        result = offline.with_planner(
+    def trace_and_plan(chunks: int, loss_regions: list) -> Any:
+        return offline.with_planner(
             model, example_inputs, use, device=device, loss_fn=loss_fn,
             # A trainable= selection names the whole model's blocks: plan all of them.
-            compose=not args.full_trace and args.trainable is None,
+            compose=not args.full_trace and args.trainable is None, chunks=chunks, loss_regions=loss_regions,
         )
+
+    try:
+        if options.memory_budget_bytes is None:
+            result = trace_and_plan(1, [])
+        else:  # the head + cross-entropy in chunks when the budget needs it (graphopt/chunking.py)
+            result = {"plans": offline.plan_chunked(options, lambda *a: trace_and_plan(*a)["plans"])}
     except GraphoptError:
         raise
     except Exception as error:  # the model could not be traced on fake tensors

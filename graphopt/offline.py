@@ -33,10 +33,12 @@ import torch
 import torch.fx as fx
 
 from . import torch_private
+from .chunking import fit_with_chunking
 from .blocks import TRACED_BLOCKS, ComposedPlanner, find_repeated_blocks, with_blocks
 from .config import Options, make_options
 from .cost_models import HardwareProfile
 from .errors import GraphoptError
+from .passes.chunk_loss import ChunkLossMode, LossRegion
 from .plan import Plan
 from .planner import GivenPlan, Session, partition
 from .trainable import graph_trainable, select_parameters
@@ -73,9 +75,24 @@ def plan_model(
     memory). Raises ``BudgetInfeasibleError`` when nothing fits.
     """
     options = options_for(model, memory_budget=memory_budget, hardware=hardware, solver_time_limit_s=solver_time_limit_s)
-    return with_traced_step(
-        model, example_inputs, lambda step: step.plan(options), device=planning_device(options.hardware), loss_fn=loss_fn
-    )
+    return plan_chunked(
+        options,
+        lambda chunks, regions: with_traced_step(
+            model, example_inputs, lambda step: step.plan(options), device=planning_device(options.hardware),
+            loss_fn=loss_fn, chunks=chunks, loss_regions=regions,
+        ),
+    )  # fmt: skip
+
+
+def plan_chunked(options: Options, trace_and_plan: Callable[[int, list[LossRegion]], list[Plan]]) -> list[Plan]:
+    """``trace_and_plan(chunks, loss_regions)``'s plans with the head + cross-entropy
+    whole, or, under a budget that no such plan meets, in the fewest chunks that meet
+    it (graphopt/chunking.py); the plans say which and why."""
+    if options.memory_budget_bytes is None:
+        return trace_and_plan(1, [])
+    found: list[LossRegion] = []
+    plans, decisions = fit_with_chunking(lambda chunks: trace_and_plan(chunks, found), lambda: found, options.hardware)
+    return [dataclasses.replace(plan, chunking=tuple(decisions)) for plan in plans]
 
 
 def options_for(model: torch.nn.Module, **settings: Any) -> Options:
@@ -151,11 +168,15 @@ def with_traced_step(
     *,
     device: torch.device,
     loss_fn: LossFn | None = None,
+    chunks: int = 1,
+    loss_regions: list[LossRegion] | None = None,
 ) -> T:
     """Trace one training step of `model` on fake tensors, then return ``use(step)``.
 
     Meta tensors are traced as tensors of `device`; real ones keep theirs. `use` runs
     while the tracer's context is active, as a partitioner inside ``torch.compile`` does.
+    The head + cross-entropy regions the trace finds are added to `loss_regions`, and
+    computed in `chunks` chunks (passes/chunk_loss.py).
     """
     if not isinstance(model, torch.nn.Module):
         raise GraphoptError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
@@ -184,6 +205,8 @@ def with_traced_step(
         [slot[id(t)] for t in inputs.tensors],
         loss_fn,
     )
+    step.chunks = chunks
+    step.loss_regions = loss_regions if loss_regions is not None else []
     with _module_paths(model) as current_path:
         step.meta_fn = functools.partial(_node_meta, current_path)
         traced = torch_private.trace_joint(step, fake_args, on_joint)
@@ -203,6 +226,8 @@ def with_planner(
     device: torch.device,
     loss_fn: LossFn | None = None,
     compose: bool = True,
+    chunks: int = 1,
+    loss_regions: list[LossRegion] | None = None,
 ) -> T:
     """``use(planner)`` where ``planner.plan(options)`` plans one training step of `model`.
 
@@ -211,16 +236,17 @@ def with_planner(
     otherwise, or with ``compose=False``, the whole step is traced (``with_traced_step``).
     """
     repeated = find_repeated_blocks(model) if compose else None
+    tracing = dict(device=device, loss_fn=loss_fn, chunks=chunks, loss_regions=loss_regions)
     if repeated is None:
-        return with_traced_step(model, example_inputs, use, device=device, loss_fn=loss_fn)
+        return with_traced_step(model, example_inputs, use, **tracing)
     deep_model = with_blocks(model, repeated, TRACED_BLOCKS)
     shallow_model = with_blocks(model, repeated, TRACED_BLOCKS - 1)
 
-    deep = with_traced_step(deep_model, example_inputs, _itself, device=device, loss_fn=loss_fn)
-    shallow = with_traced_step(shallow_model, example_inputs, _itself, device=device, loss_fn=loss_fn)
+    deep = with_traced_step(deep_model, example_inputs, _itself, **tracing)
+    shallow = with_traced_step(shallow_model, example_inputs, _itself, **tracing)
 
     def trace_whole() -> TracedStep:
-        return with_traced_step(model, example_inputs, _itself, device=device, loss_fn=loss_fn)
+        return with_traced_step(model, example_inputs, _itself, **tracing)
 
     return use(ComposedPlanner(repeated, deep, shallow, trace_whole))
 
@@ -322,13 +348,17 @@ class _TrainingStep(torch.nn.Module):
         self._input_slots = input_slots
         self._loss_fn = loss_fn
         self.meta_fn: Callable[[], dict[str, Any]] = dict
+        self.chunks = 1  # the head + cross-entropy in this many chunks (passes/chunk_loss.py)
+        self.loss_regions: list[LossRegion] = []  # the head + cross-entropy regions the trace found
 
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor]:
         state = {name: flat[i] for name, i in self._state_slots.items()}
         args, kwargs = self._inputs.rebuild([flat[i] for i in self._input_slots])
-        with torch_private.UserCodeMode(self.meta_fn, _refuse_stray_meta):
+        chunking = ChunkLossMode(self.chunks, {id(tensor): name for name, tensor in state.items()})
+        with torch_private.UserCodeMode(self.meta_fn, _refuse_stray_meta), chunking:
             output = torch.func.functional_call(self._model, state, args, kwargs)
             loss = self._loss_fn(output) if self._loss_fn is not None else loss_of(output)
+        self.loss_regions.extend(region for region in chunking.regions if region not in self.loss_regions)
         return (loss,)
 
 

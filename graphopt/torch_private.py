@@ -291,7 +291,12 @@ _LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear)
 
 def is_linear_call(node: fx.Node) -> bool:
     """Whether a Dynamo graph's node is a call of ``linear`` (passes/chunk_loss.py)."""
-    return node.op == "call_function" and node.target in _LINEAR_FUNCTIONS
+    return node.op == "call_function" and is_linear_function(node.target)
+
+
+def is_linear_function(function: object) -> bool:
+    """Whether `function` (a graph node's target, or what a TorchFunctionMode sees) is ``linear``."""
+    return function in _LINEAR_FUNCTIONS
 
 
 def is_random(node: fx.Node) -> bool:

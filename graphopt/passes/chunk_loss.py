@@ -30,6 +30,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
+from torch.overrides import TorchFunctionMode
 
 from .. import torch_private
 from ..ops.chunked_cross_entropy import chunked_linear_cross_entropy
@@ -270,3 +271,100 @@ def _module_path(node: fx.Node) -> str:
     from ..planner import module_path  # the plan's naming of modules
 
     return module_path(node)
+
+
+# ----------------------------------------------------------------------------- offline tracing
+
+
+@dataclasses.dataclass(frozen=True)
+class _Head:
+    """A tensor computed from a head's linear by casts, views and slices (the logits)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    slicing: tuple[object, ...]
+
+
+_TENSOR_STEPS = {torch.Tensor.float, torch.Tensor.to, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.contiguous, torch.Tensor.__getitem__}
+
+
+class ChunkLossMode(TorchFunctionMode):
+    """The same rewrite where there is no Dynamo graph (``graphopt plan`` traces the model
+    itself on fake tensors): while the model runs, a ``cross_entropy`` whose input is a
+    head's logits, by the steps this module's docstring lists, runs as
+    ``chunked_linear_cross_entropy`` in `chunks` chunks. With ``chunks=1`` nothing is
+    rewritten; either way ``regions`` lists what was found. The head's own matmul still
+    runs, unread, and dead-code elimination drops it. Logits read by anything besides
+    the loss would stay whole; the step ``graphopt plan`` traces returns only the loss,
+    so only a model that reads its own logits elsewhere does that (not detected here)."""
+
+    def __init__(self, chunks: int, parameter_names: Mapping[int, str]):
+        super().__init__()
+        self.chunks = chunks
+        self.regions: list[LossRegion] = []
+        self._parameter_names = parameter_names  # id of a parameter tensor -> its name
+        self._heads: dict[int, tuple[torch.Tensor, _Head]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _CROSS_ENTROPY and args and id(args[0]) in self._heads:
+            rewritten = self._cross_entropy(args, kwargs)
+            if rewritten is not None:
+                return rewritten
+        result = func(*args, **kwargs)
+        if torch_private.is_linear_function(func) and isinstance(result, torch.Tensor):
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            self._track(result, _Head(args[0], args[1], bias, ()))
+        elif func in _TENSOR_STEPS and args and id(args[0]) in self._heads and isinstance(result, torch.Tensor):
+            self._step(func, args, kwargs, result)
+        return result
+
+    def _track(self, tensor: torch.Tensor, head: _Head) -> None:
+        self._heads[id(tensor)] = (tensor, head)  # holding the tensor keeps its id unique
+
+    def _step(self, func, args, kwargs, result: torch.Tensor) -> None:
+        source, head = self._heads[id(args[0])]
+        if result.shape[-1] != source.shape[-1]:
+            return
+        if func is torch.Tensor.__getitem__:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if result.dim() != source.dim() or not all(isinstance(i, slice) or i is Ellipsis for i in index):
+                return
+            head = dataclasses.replace(head, slicing=head.slicing + (args[1],))
+        elif func is torch.Tensor.to and not (len(args) + len(kwargs) == 2 and result.device == source.device):
+            return
+        self._track(result, head)
+
+    def _cross_entropy(self, args, kwargs) -> torch.Tensor | None:
+        logits, labels = args[0], args[1] if len(args) > 1 else kwargs.get("target")
+        _, head = self._heads[id(logits)]
+        names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
+        given = {**dict(zip(names, args)), **kwargs}
+        unchunkable = (
+            "class weights, label smoothing or an unchunked reduction"
+            if given.get("weight") is not None or given.get("label_smoothing", 0.0) or given.get("size_average") is not None
+            or given.get("reduce") is not None or given.get("reduction", "mean") not in ("mean", "sum")
+            else None
+        )
+        if logits.dim() != 2 or not isinstance(labels, torch.Tensor) or labels.numel() != logits.shape[0]:
+            return None
+        name = self._parameter_names.get(id(head.weight), "")
+        region = LossRegion(
+            loss="cross_entropy", linear="linear", hidden="", weight=name, bias=None, labels="",
+            slicing=head.slicing, ignore_index=int(given.get("ignore_index", -100)), reduction=given.get("reduction", "mean"),
+            logits_dtype=logits.dtype, tokens=int(logits.shape[0]), vocab=int(logits.shape[1]),
+            hidden_size=int(head.weight.shape[-1]), weight_dtype=head.weight.dtype,
+            module=name.rpartition(".")[0], unchunkable=unchunkable,
+        )  # fmt: skip
+        self.regions.append(region)
+        if self.chunks <= 1 or unchunkable:
+            return None
+        hidden = head.hidden
+        for index in head.slicing:
+            hidden = hidden[index]
+        return chunked_linear_cross_entropy(
+            hidden, head.weight, head.bias, labels, chunks=self.chunks, ignore_index=region.ignore_index,
+            reduction=region.reduction, logits_dtype=logits.dtype,
+        )  # fmt: skip
+
