@@ -157,7 +157,9 @@ def _once_per_backward(compiled: Callable, graph_name: str, session: Session) ->
                 "called in a Python loop with a graph break inside it, or when several forwards run before one "
                 "backward. Under a memory budget graphopt cannot yet plan a graph that runs several times per "
                 "step: remove the graph break (an explicit graph_break(), a print, an unsupported call) so the "
-                "loop compiles into one graph, or call backward after each forward."
+                "loop compiles into one graph, or call backward after each forward. Under FSDP2, fully_shard "
+                "applied per block does this: the block compiles to one graph that runs once per block "
+                "(docs/distributed.md)."
             )
         outputs = compiled(*args)
         # Fake outputs come from a run at compile time (Dynamo's DDP graph splitting runs
@@ -192,7 +194,21 @@ def graphopt_backend(graph_module: fx.GraphModule, example_inputs: Sequence[Any]
     if entry is None:
         entry = _OptionsEntry(options, GraphoptBackend(make_options(options)))
         _SESSIONS_BY_OPTIONS[id(options)] = entry
+        _warn_rank_memory_unknown(options)
     return _holding(entry.backend(graph_module, example_inputs), entry)
+
+
+def _warn_rank_memory_unknown(options: dict) -> None:
+    """Under a budget in a process group, say that what the rank holds outside the graphs
+    is not counted unless given: this path does not see the model."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and options.get("memory_budget") is not None and "model_static_bytes" not in options:
+        log.warning(
+            "torch.compile(backend='graphopt') does not see the model, so the budget does not count what this rank "
+            "holds outside the compiled graphs (DDP's gradient buckets; FSDP2's parameter and gradient shards and "
+            "its reduce-scatter copy). Pass options={'model_static_bytes': graphopt.rank_memory(model).total_bytes, "
+            "...}, or use graphopt.compile (docs/distributed.md)."
+        )
 
 
 def _holding(compiled: Callable, owner: object) -> Callable:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,6 +110,8 @@ def _gradient_cases(rank: int, store: str, out: str, width: int, blocks: int, ba
     base = Residual(width, blocks)
     x = torch.randn(batch, width, generator=torch.Generator().manual_seed(rank))
     results = {}
+    warnings = _Messages()
+    logging.getLogger("graphopt").addHandler(warnings)
     for wrap_name, wrap in WRAPS.items():
         reference = wrap(copy.deepcopy(base))
         expected = _step(reference, x, list(reference.parameters()))
@@ -122,6 +124,7 @@ def _gradient_cases(rank: int, store: str, out: str, width: int, blocks: int, ba
                 # A budget 10% under the rank's unbudgeted plan makes graphopt recompute.
                 budget = int(0.9 * unbudgeted_peak) if budgeted else None
                 settings = {"memory_budget": budget, "compiler": "eager"}
+                warnings.messages.clear()
                 if entry == "graphopt.compile":
                     compiled = graphopt.compile(model, **settings)
                 else:
@@ -140,6 +143,7 @@ def _gradient_cases(rank: int, store: str, out: str, width: int, blocks: int, ba
                     "budget": budget,
                     "predicted": [plan.predicted_peak_bytes for plan in plans],
                     "recomputed": sum(d.action == "recompute" for plan in plans for d in plan.decisions),
+                    "warned of rank memory": any("model_static_bytes" in m for m in warnings.messages),
                 }
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -195,6 +199,17 @@ def _measured_step(model: Callable, x: torch.Tensor, parameters: list[nn.Paramet
     return result, peak.peak_bytes
 
 
+class _Messages(logging.Handler):
+    """Keeps graphopt's warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def _spawn(worker: Callable, tmp_path: Path, *args: object) -> list[dict]:
     """Run `worker(rank, store, out, *args)` on two gloo ranks; what each rank wrote."""
     mp.spawn(worker, args=(str(tmp_path / "store"), str(tmp_path), *args), nprocs=WORLD_SIZE, join=True)
@@ -234,6 +249,15 @@ def test_ddp_is_one_graph_under_graphopt_compile(gradient_cases):
 def test_whole_model_fsdp_under_a_budget_recomputes(gradient_cases):
     for results in gradient_cases:
         assert results["fsdp graphopt.compile budget"]["recomputed"] > 0
+
+
+def test_torch_compile_under_a_budget_warns_that_rank_memory_is_not_counted(gradient_cases):
+    """That path does not see the model: the shards, buckets and reserves need
+    model_static_bytes; graphopt.compile reads them from the model."""
+    for results in gradient_cases:
+        assert results["fsdp torch.compile budget"]["warned of rank memory"]
+        assert not results["fsdp graphopt.compile budget"]["warned of rank memory"]
+        assert not results["fsdp torch.compile no budget"]["warned of rank memory"]
 
 
 # 4 residual blocks of width 64 on 32768 rows: torch's min-cut keeps about 190 MB of
