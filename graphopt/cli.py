@@ -139,6 +139,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=(8, 4, 2, FP8),
         help="let the planner quantize to this width only (fp8: float8_e4m3fn codes)",
     )
+    plan.add_argument(
+        "--ddp",
+        action="store_true",
+        help="plan one DistributedDataParallel rank's step: build()'s batch is the rank's, the budget is per rank, "
+        "and DDP's gradient buckets count (docs/distributed.md)",
+    )
     return parser
 
 
@@ -158,6 +164,7 @@ def plan_command(args: argparse.Namespace) -> int:
     model, example_inputs, loss_fn = call_build(build, args.model_file, overrides)
     options = offline.options_for(
         model,
+        ddp=args.ddp,
         memory_budget=options.memory_budget_bytes,
         hardware=options.hardware,
         solver_time_limit_s=options.solver_time_limit_s,
@@ -165,6 +172,9 @@ def plan_command(args: argparse.Namespace) -> int:
     )
     device = offline.planning_device(options.hardware)
     print(describe_setup(args.model_file, overrides, model, example_inputs, options, device))
+    if args.ddp:
+        buckets = offline.static_memory(model)["gradients"]
+        print(f"  ddp       one rank: its batch and DDP's gradient buckets ({format_bytes(buckets)}); the budget is per rank")
 
     def use(step: offline.TracedStep) -> dict[str, Any]:
         if options.memory_budget_bytes is not None:

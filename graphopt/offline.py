@@ -95,13 +95,16 @@ def plan_chunked(options: Options, trace_and_plan: Callable[[int, list[LossRegio
     return [dataclasses.replace(plan, chunking=tuple(decisions)) for plan in plans]
 
 
-def options_for(model: torch.nn.Module, **settings: Any) -> Options:
-    """``Options`` from ``graphopt.compile``'s names, counting the whole model's static memory."""
+def options_for(model: torch.nn.Module, *, ddp: bool = False, **settings: Any) -> Options:
+    """``Options`` from ``graphopt.compile``'s names, counting the whole model's static
+    memory; with `ddp`, one DDP rank's: DDP's gradient buckets too, as large as the
+    trainable parameters (graphopt/distributed.py)."""
     static = static_memory(model)
     # Planning offline judges splits by graphopt's simulation: it plans for devices it
     # may not have, and composes deep models from per-node timelines (blocks.py).
     settings = {"prediction": "simulation", **settings}
-    return make_options(settings, model_static_bytes=static["parameters"] + static["buffers"])
+    buckets = static["gradients"] if ddp else 0
+    return make_options(settings, model_static_bytes=static["parameters"] + static["buffers"] + buckets)
 
 
 class TracedStep:

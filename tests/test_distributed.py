@@ -296,3 +296,31 @@ def test_per_block_fsdp_under_a_budget_refuses_the_reused_block_graph(gradient_c
     refuses the second run instead of exceeding the budget (docs/distributed.md)."""
     for results in gradient_cases:
         assert results[f"fsdp-blocks {entry} budget"]["error"] == "RepeatedGraphError"
+
+
+# ----------------------------------------------------------------------------- graphopt plan --ddp
+
+TINY_MODEL = '''
+import torch
+from torch import nn
+
+
+def build(batch=64, width=32):
+    model = nn.Sequential(*(nn.Linear(width, width) for _ in range(3)))
+    return model, (torch.randn(batch, width),), lambda output: output.tanh().square().mean()
+'''
+
+
+def test_plan_ddp_counts_one_ranks_gradient_buckets(tmp_path, capsys):
+    from graphopt.cli import main
+
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(TINY_MODEL)
+    static = {}
+    for flags in ([], ["--ddp"]):
+        out = tmp_path / f"plan{len(flags)}.json"
+        assert main(["plan", str(model_file), "--hardware", "cpu", "--budget", "1MB", "--json", str(out), *flags]) == 0
+        (plan,) = json.loads(out.read_text())["plans"]
+        static[bool(flags)] = plan["memory"]["other graphs"]
+    assert "DDP's gradient buckets (12.67 KB)" in capsys.readouterr().out
+    assert static[True] - static[False] == 3 * (32 * 32 + 32) * 4  # the trainable parameters' bytes
