@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -36,6 +37,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     reorder: bool = False,
     trainable: Any = "all",
     optimizer: torch.optim.Optimizer | None = None,
+    accumulation_steps: int = 1,
     allow_lossy: bool = False,
     quantize_bits: int | str | None = None,
     lossy_error_weight_ms: float = 1000.0,
@@ -71,6 +73,12 @@ def compile(  # noqa: A001 - mirrors torch.compile
     as its gradient is complete, and frees the gradient at once: the training loop is
     ``loss = cm(x); loss.backward()``, with no ``opt.step()`` or ``zero_grad()``
     (docs/optimizer_in_backward.md).
+    ``accumulation_steps=k`` says each step accumulates gradients over k micro-batches
+    (``loss.backward()`` k times, then ``opt.step()``): every plan counts the parameters'
+    ``.grad`` as alive from the step's start, and with ``optimizer=`` the update runs on
+    every k-th backward from the accumulated gradient. Without it, a ``.grad`` found
+    when a step starts (under a budget) makes graphopt plan every graph again with the
+    gradients counted (one recompilation).
     ``allow_lossy=True`` lets the planner save tensors quantized to 8, 4 or 2 bits, and
     fp8 (float8_e4m3fn) on hardware with fp8 units (chosen per tensor; each expected
     error is charged ``lossy_error_weight_ms`` ms per unit of relative squared error and
@@ -101,6 +109,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         reorder=reorder,
         trainable=trainable,
         optimizer=optimizer,
+        accumulation_steps=accumulation_steps,
         allow_lossy=allow_lossy,
         quantize_bits=quantize_bits,
         lossy_error_weight_ms=lossy_error_weight_ms,
@@ -109,6 +118,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         verbose=verbose,
         model_static_bytes=_static_bytes(model),
     )
+    options = dataclasses.replace(options, model_gradient_bytes=_gradient_bytes(model, options))
     backend = _backend(options, model)
     compiled = torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     object.__setattr__(compiled, _SESSION_ATTRIBUTE, backend)
@@ -140,20 +150,36 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
     with the exception; Dynamo compiles every graph again for the new backend.
     """
     forward = torch_private.compiled_forward(compiled)
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+    def replan(backend: GraphoptBackend) -> None:
+        nonlocal forward
+        forward = torch_private.compiled_forward(torch.compile(model, backend=backend, **compile_kwargs))
+        object.__setattr__(compiled, _SESSION_ATTRIBUTE, backend)
 
     def replanning_forward(*args: Any, **kwargs: Any) -> Any:
-        nonlocal forward
+        backend = getattr(compiled, _SESSION_ATTRIBUTE)
+        if _needs_resident_gradients(backend.session.options, trained):
+            # Before any forward runs: gradient accumulation, whose .grad the plans left out.
+            log.info("a parameter has a .grad as the step starts (gradient accumulation?); planning every "
+                     "graph again with the gradients alive from the step's start")
+            replan(backend.with_resident_gradients())
         for _ in range(MAX_REPLANS):
             try:
                 return forward(*args, **kwargs)
             except ReplanEarlierGraphs as request:
                 log.info("%s; planning every graph again", request)
-                backend = getattr(compiled, _SESSION_ATTRIBUTE).replanned(request.room_after)
-                forward = torch_private.compiled_forward(torch.compile(model, backend=backend, **compile_kwargs))
-                object.__setattr__(compiled, _SESSION_ATTRIBUTE, backend)
+                replan(getattr(compiled, _SESSION_ATTRIBUTE).replanned(request.room_after))
         return forward(*args, **kwargs)
 
     torch_private.set_compiled_forward(compiled, replanning_forward)
+
+
+def _needs_resident_gradients(options: Options, trained: list[torch.Tensor]) -> bool:
+    """Whether a step starts with a ``.grad`` its budgeted plans left out."""
+    if options.memory_budget_bytes is None or options.resident_gradients or not torch.is_grad_enabled():
+        return False
+    return any(parameter.grad is not None for parameter in trained)
 
 
 def _backend(options: Options, model: Any) -> GraphoptBackend:
@@ -170,6 +196,19 @@ def plans(compiled: Any) -> list[Plan]:
     if backend is None:
         raise GraphoptError("this object was not made by graphopt.compile; compile the model with graphopt.compile(...)")
     return list(backend.session.plans)
+
+
+def _gradient_bytes(model: Any, options: Options) -> int:
+    """Bytes of the gradients of the model's trainable parameters: what ``.grad`` holds
+    between the micro-batches of an accumulated step."""
+    if not isinstance(model, torch.nn.Module):
+        return 0
+    selected = select_parameters(options.trainable, model) if options.trainable is not None else None
+    return sum(
+        parameter.numel() * parameter.element_size()
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and (selected is None or selected.get(name, 0) > 0)
+    )
 
 
 def _static_bytes(model: Any) -> int:

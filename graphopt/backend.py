@@ -57,6 +57,12 @@ class GraphoptBackend:
         """A fresh backend (Dynamo compiles again for it) whose graphs leave `room_after`."""
         return GraphoptBackend(self.session.options, self._parameters, self._selection, room_after)
 
+    def with_resident_gradients(self) -> GraphoptBackend:
+        """A fresh backend whose plans count the parameters' gradients as alive from the
+        step's start (gradient accumulation)."""
+        options = dataclasses.replace(self.session.options, resident_gradients=True)
+        return GraphoptBackend(options, self._parameters, self._selection, self.session.room_after)
+
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if self.session.options.memory_budget_bytes is not None and torch_private.compiling_ddp_bucket_graph():
             raise GraphoptError(
@@ -148,6 +154,13 @@ def _once_per_backward(compiled: Callable, graph_name: str, session: Session) ->
     def run(*args: Any) -> Any:
         nonlocal pending
         recording = torch.is_grad_enabled()
+        if recording and not session.options.resident_gradients and _has_gradients(args):
+            raise GraphoptError(
+                f"a parameter of {graph_name} has a .grad as its forward starts, alive through the step, and its plan "
+                "counted no gradient before the backward. For gradient accumulation over k micro-batches pass "
+                "accumulation_steps=k (graphopt.compile) or options={'accumulation_steps': k} (torch.compile); "
+                "otherwise clear gradients with zero_grad(set_to_none=True) before each step."
+            )
         if recording and pending:
             saved = session.saved_bytes.get(graph_name, 0)
             raise RepeatedGraphError(
@@ -171,6 +184,14 @@ def _once_per_backward(compiled: Callable, graph_name: str, session: Session) ->
         return outputs
 
     return run
+
+
+def _has_gradients(inputs: Sequence[Any]) -> bool:
+    """Whether a leaf input that requires grad (a parameter) holds a ``.grad``."""
+    return any(
+        isinstance(value, torch.Tensor) and value.requires_grad and value.is_leaf and value.grad is not None
+        for value in inputs
+    )
 
 
 def _tensors(outputs: Any) -> list[torch.Tensor]:

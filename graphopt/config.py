@@ -32,6 +32,15 @@ class Options:
     cost_model: str = "roofline"  # "measured": time each op on the local device (cached)
     verbose: bool = False
     model_static_bytes: int = 0  # parameters and buffers of the whole model, when known
+    # Gradient accumulation over this many micro-batches (one backward each): the
+    # parameters' .grad is alive from every step's start, and with optimizer= the update
+    # runs on every k-th backward, from the accumulated gradient (docs/design.md,
+    # "Gradients alive between backwards").
+    accumulation_steps: int = 1
+    # Plan with the parameters' gradients alive from the step's start: accumulation_steps
+    # > 1, or a .grad found at a step's start (graphopt.compile then plans again with it).
+    resident_gradients: bool = False
+    model_gradient_bytes: int = 0  # gradients of the whole model's trainable parameters, when known
     # Share of the budget a plan's predicted peak must leave free. With Inductor the
     # prediction replays the wrapper code Inductor generates for the plan's graphs
     # (cost_models/wrapper_memory.py) with the scratch its extern kernels take for
@@ -71,6 +80,9 @@ class Options:
                 hardware,
                 self.solver_time_limit_s,
                 self.model_static_bytes,
+                self.accumulation_steps,
+                self.resident_gradients,
+                self.model_gradient_bytes,
                 self.prediction_headroom,
                 self.prediction,
                 self.cost_model,
@@ -92,6 +104,9 @@ _ACCEPTED = (
     "compiler",
     "verbose",
     "model_static_bytes",
+    "accumulation_steps",
+    "resident_gradients",
+    "model_gradient_bytes",
     "prediction_headroom",
     "prediction",
     "cost_model",
@@ -130,6 +145,9 @@ def make_options(settings: dict[str, Any] | None = None, **overrides: Any) -> Op
     prediction = merged.get("prediction", "code" if compiler == "inductor" else "simulation")
     if prediction not in PREDICTIONS:
         raise GraphoptError(f"prediction={prediction!r}; choose one of {PREDICTIONS}")
+    accumulation_steps = merged.get("accumulation_steps", 1)
+    if not isinstance(accumulation_steps, int) or isinstance(accumulation_steps, bool) or accumulation_steps < 1:
+        raise GraphoptError(f"accumulation_steps={accumulation_steps!r} must be a whole number of micro-batches, 1 or more")
     headroom = float(merged.get("prediction_headroom", _DEFAULT_HEADROOM[compiler, prediction]))
     if not 0 <= headroom < 1:
         raise GraphoptError(f"prediction_headroom={headroom} must lie in [0, 1)")
@@ -140,6 +158,9 @@ def make_options(settings: dict[str, Any] | None = None, **overrides: Any) -> Op
         compiler=compiler,
         verbose=bool(merged.get("verbose", False)),
         model_static_bytes=int(merged.get("model_static_bytes", 0)),
+        accumulation_steps=accumulation_steps,
+        resident_gradients=_flag("resident_gradients", merged.get("resident_gradients", False)) or accumulation_steps > 1,
+        model_gradient_bytes=int(merged.get("model_gradient_bytes", 0)),
         prediction_headroom=headroom,
         prediction=prediction,
         cost_model=cost_model,

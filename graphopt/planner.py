@@ -26,7 +26,7 @@ from .analysis import Analysis, NodeCost, analyze, parameter_bytes
 from .budget import format_bytes
 from .config import Options
 from .cost_models import MeasuredCostModel, estimate_node_cost
-from .cost_models.memory import graph_timeline, storage_owner
+from .cost_models.memory import graph_timeline, storage_owner, value_bytes
 from .cost_models.wrapper_memory import returned_names, returned_strides, wrapper_timeline
 from .errors import BudgetInfeasibleError, GraphoptError, PlanMismatchError, ReplanEarlierGraphs
 from .passes.optimizer_in_backward import GraphParameters, GraphUpdates, OptimizerInBackward, apply_optimizer_in_backward, place_updates
@@ -115,13 +115,14 @@ class Session:
     given: dict[str, GivenPlan] = dataclasses.field(default_factory=dict)
     # Graph name -> bytes later graphs need while its saved tensors wait for its backward.
     room_after: dict[str, int] = dataclasses.field(default_factory=dict)
+    gradient_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # its parameters' gradients
     _measured: MeasuredCostModel | None = None
     # optimizer=: parameter updates run inside the backward (passes/optimizer_in_backward.py)
     optimizer: OptimizerInBackward | None = dataclasses.field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.options.optimizer is not None:
-            self.optimizer = OptimizerInBackward(self.options.optimizer)
+            self.optimizer = OptimizerInBackward(self.options.optimizer, self.options.accumulation_steps)
 
     def graph_updates(self, joint, graph_parameters: GraphParameters | None) -> GraphUpdates:
         """The parameter updates of one graph's backward (none without optimizer=)."""
@@ -133,6 +134,16 @@ class Session:
         earlier = sum(size for name, size in self.saved_bytes.items() if name != graph)
         other_parameters = max(self.options.model_static_bytes - parameter_bytes, 0)
         return earlier + other_parameters
+
+    def resident_gradient_bytes(self, graph: str, gradient_bytes: int) -> int:
+        """The gradients alive from the step's start with accumulation (``.grad`` of every
+        trainable parameter, from earlier micro-batches): the whole model's where
+        ``graphopt.compile`` knows it, else this graph's and the other graphs' so far."""
+        if not self.options.resident_gradients:
+            return 0
+        if self.options.model_gradient_bytes:
+            return self.options.model_gradient_bytes
+        return gradient_bytes + sum(size for name, size in self.gradient_bytes.items() if name != graph)
 
     def replan_request(self, graph: str, analysis: Analysis, error: BudgetInfeasibleError) -> GraphoptError:
         """What to raise when `graph` fits no plan: a request to replan the earlier
@@ -162,9 +173,10 @@ class Session:
             return self._measured.node_cost
         return functools.partial(estimate_node_cost, hardware=self.options.hardware)
 
-    def record(self, plan: Plan, saved_bytes: int) -> None:
+    def record(self, plan: Plan, saved_bytes: int, gradient_bytes: int = 0) -> None:
         self.plans = [p for p in self.plans if p.graph != plan.graph] + [plan]
         self.saved_bytes[plan.graph] = saved_bytes
+        self.gradient_bytes[plan.graph] = gradient_bytes
 
 
 def partition(
@@ -198,9 +210,11 @@ def partition(
             static_lifetime_input_indices=static_lifetime_input_indices,
         )
     options = session.options
+    gradients = _parameter_gradient_bytes(joint)  # before optimizer= consumes them
     updates = session.graph_updates(joint, graph_parameters)
     joint = apply_optimizer_in_backward(joint, updates)
-    extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint)) + updates.optimizer_state_bytes
+    resident = session.resident_gradient_bytes(graph_name, gradients)
+    extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint)) + updates.optimizer_state_bytes + resident
     analysis = analyze(
         joint,
         options.hardware,
@@ -217,10 +231,11 @@ def partition(
         raise session.replan_request(graph_name, analysis, error) from None
     plan = dataclasses.replace(plan, pruning=pruning)
     plan = _with_optimizer_memory(plan, updates)
+    plan = _with_resident_gradients(plan, resident)
     # What the forward hands on (saved tensors and outputs), alive while later graphs run:
     # the end of the forward's timeline the plan was judged by.
     forward_steps = forward.meta[_TIMELINES][0]
-    session.record(plan, forward_steps[-1] if forward_steps else 0)
+    session.record(plan, forward_steps[-1] if forward_steps else 0, gradients)
     if options.memory_budget_bytes is not None:
         # The plan was judged in this order, which the simulation predicts exactly;
         # Inductor's own peak-memory reordering would move the peak where graphopt
@@ -446,6 +461,29 @@ def _with_optimizer_memory(plan: Plan, updates: GraphUpdates) -> Plan:
     memory["other graphs"] -= updates.optimizer_state_bytes
     memory["optimizer state"] = updates.optimizer_state_bytes
     return dataclasses.replace(plan, memory=memory)
+
+
+def _with_resident_gradients(plan: Plan, resident: int) -> Plan:
+    """The plan's static memory with accumulation: the gradients earlier micro-batches
+    left in ``.grad``, alive from the step's start, shown on their own."""
+    if not resident:
+        return plan
+    memory = dict(plan.memory)
+    memory["other graphs"] -= resident
+    memory["accumulated gradients"] = resident
+    return dataclasses.replace(plan, memory=memory)
+
+
+def _parameter_gradient_bytes(joint) -> int:
+    """Bytes of the gradients the backward returns for the graph's parameters (its
+    static-lifetime inputs): what ``.grad`` holds after it."""
+    outputs = list(joint.module.graph.output_node().args[0])
+    gradients = outputs[len(outputs) - len(joint.primals):]
+    return sum(
+        value_bytes(primal.meta.get("val"))
+        for primal, gradient in zip(joint.primals, gradients)
+        if gradient is not None and primal in joint.static_inputs
+    )
 
 
 def _count_input_copies(analysis: Analysis, copies: dict[str, int]) -> Analysis:

@@ -20,8 +20,14 @@ exact for optimizers whose update of a parameter depends only on that parameter'
 gradient and state: every ``torch.optim`` optimizer but ``LBFGS`` (a closure over the
 whole model) and ``SparseAdam`` (sparse gradients).
 
-Restrictions: one forward and one backward per step (no gradient accumulation across
-micro-batches, no global-norm gradient clipping: gradients never exist all at once); a
+With ``accumulation_steps=k`` the op adds the gradient into ``param.grad`` on the first
+k-1 backwards, as autograd would (a copy on the first: the compiled backward may reuse
+the gradient's buffer), and on every k-th runs the step from ``param.grad`` plus the
+last gradient, then sets ``param.grad`` back to ``None``: one update per k micro-batches,
+from the same sum eager accumulation makes.
+
+Restrictions: one forward and one backward per micro-batch (no global-norm gradient
+clipping: gradients never exist all at once); a
 parameter's whole gradient must come from one compiled graph (a parameter used on both
 sides of a graph break raises when the second graph compiles; the same graph run twice
 before one backward fails autograd's saved-tensor version check, since the first
@@ -93,11 +99,13 @@ class _ParameterUpdate:
     """One parameter's step, run by ``graphopt::apply_update``. Holds weak references:
     the registry must not keep a model or its optimizer alive."""
 
-    def __init__(self, parameter: torch.nn.Parameter, optimizer: torch.optim.Optimizer, name: str):
+    def __init__(self, parameter: torch.nn.Parameter, optimizer: torch.optim.Optimizer, name: str, accumulation_steps: int = 1):
         self._parameter = weakref.ref(parameter)
         self._optimizer = weakref.ref(optimizer)
         self.name = name
         self._group: dict | None = None  # the optimizer's group holding the parameter, when last seen
+        self._accumulation_steps = accumulation_steps
+        self._backwards = 0  # gradients received; the update runs on every accumulation_steps-th
 
     @property
     def parameter(self) -> torch.Tensor | None:
@@ -109,12 +117,26 @@ class _ParameterUpdate:
             raise GraphoptError(f"parameter {self.name} or its optimizer was freed; recompile the model")
         if graph_parameter.data_ptr() != parameter.data_ptr():
             raise GraphoptError(f"the compiled backward passed another tensor for parameter {self.name}; recompile the model")
-        if parameter.grad is not None:
+        micro_batch = self._backwards % self._accumulation_steps
+        if micro_batch == 0 and parameter.grad is not None:
             raise GraphoptError(
                 f"parameter {self.name} already has a .grad while graphopt applies its update in the backward: "
-                "with optimizer= its gradient must come only from the compiled model, once per step "
-                "(no gradient accumulation); set it to None first."
+                "with optimizer= its gradient must come only from the compiled model, and the update consumes it; "
+                "set it to None first. For gradient accumulation over k micro-batches, pass accumulation_steps=k."
             )
+        self._backwards += 1
+        if micro_batch > 0:  # autograd's sum, in its order: ((g1 + g2) + g3)
+            if parameter.grad is None:
+                raise GraphoptError(
+                    f"parameter {self.name}'s .grad was cleared after {micro_batch} of {self._accumulation_steps} "
+                    "micro-batches: with optimizer= and accumulation_steps=, graphopt holds the accumulated gradient "
+                    "there until its update; do not call zero_grad() in between."
+                )
+            gradient = parameter.grad.add_(gradient)
+        if micro_batch < self._accumulation_steps - 1:
+            if parameter.grad is None:  # a copy: the compiled backward may reuse the gradient's buffer
+                parameter.grad = gradient.detach().clone()
+            return
         groups = optimizer.param_groups
         one_parameter_group = {**self._find_group(groups, parameter), "params": [parameter]}
         parameter.grad = gradient
@@ -149,9 +171,10 @@ class OptimizerInBackward:
     """The ``optimizer=`` of one ``graphopt.compile``: slots for its parameters, the
     optimizer state's bytes, and which Dynamo frame each parameter was captured in."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, accumulation_steps: int = 1):
         check_optimizer(optimizer)
         self.optimizer = optimizer
+        self.accumulation_steps = accumulation_steps
         self._slots: dict[int, int] = {}  # id(parameter) -> slot
         self._frames: dict[int, object] = {}  # slot -> Dynamo frame that captured it
         self._managed = {id(p): p for group in optimizer.param_groups for p in group["params"]}
@@ -184,7 +207,7 @@ class OptimizerInBackward:
     def _slot(self, parameter: torch.Tensor, name: str) -> int:
         if id(parameter) not in self._slots:
             slot = next(_SLOTS)
-            _UPDATES[slot] = _ParameterUpdate(parameter, self.optimizer, name)
+            _UPDATES[slot] = _ParameterUpdate(parameter, self.optimizer, name, self.accumulation_steps)
             weakref.finalize(parameter, _UPDATES.pop, slot, None)
             self._slots[id(parameter)] = slot
         return self._slots[id(parameter)]
