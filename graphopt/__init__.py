@@ -18,6 +18,7 @@ from .errors import (
     PlanMismatchError,
     RepeatedGraphError,
     ReplanEarlierGraphs,
+    ShapeAbovePlanError,
 )
 from .measure import PeakMemory, measure_peak
 from .plan import Decision, Plan
@@ -34,6 +35,7 @@ __all__ = [
     "RankMemory",
     "RepeatedGraphError",
     "ReplanEarlierGraphs",
+    "ShapeAbovePlanError",
     "compile",
     "measure_peak",
     "parse_budget",

@@ -12,7 +12,7 @@ from .backend import GraphoptBackend
 from .config import Options, make_options
 from .distributed import is_ddp, rank_memory
 from . import torch_private
-from .errors import GraphoptError, ReplanEarlierGraphs
+from .errors import GraphoptError, ReplanEarlierGraphs, ShapeAbovePlanError
 from .plan import Plan
 from .trainable import select_parameters
 
@@ -165,11 +165,18 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
                      "graph again with the gradients alive from the step's start")
             replan(backend.with_resident_gradients())
         for _ in range(MAX_REPLANS):
+            session = getattr(compiled, _SESSION_ATTRIBUTE).session
+            forward_runs = session.forward_runs
             try:
                 return forward(*args, **kwargs)
             except ReplanEarlierGraphs as request:
                 log.info("%s; planning every graph again", request)
                 replan(getattr(compiled, _SESSION_ATTRIBUTE).replanned(request.room_after))
+            except ShapeAbovePlanError as error:
+                if session.forward_runs != forward_runs:  # a graph of this call ran: rerunning would repeat it
+                    raise
+                log.info("%s; planning every graph again at this call's sizes", error)
+                replan(getattr(compiled, _SESSION_ATTRIBUTE).replanned(session.room_after))
         return forward(*args, **kwargs)
 
     torch_private.set_compiled_forward(compiled, replanning_forward)

@@ -16,7 +16,8 @@ from . import __version__, torch_private
 from .budget import format_bytes
 from .chunking import compile_with_chunking
 from .config import Options, make_options
-from .errors import GraphoptError, RepeatedGraphError
+from .cost_models.memory import concrete_size
+from .errors import GraphoptError, RepeatedGraphError, ShapeAbovePlanError
 from .passes.optimizer_in_backward import GraphParameters
 from .planner import GivenPlan, Session, partition
 from .trainable import FrozenRowsGuard, GraphTrainable, graph_trainable
@@ -90,7 +91,7 @@ class GraphoptBackend:
         compiled = compile_with_chunking(self.session, graph_name, graph_module, compile_graph)
         if self.session.options.memory_budget_bytes is None:
             return compiled
-        return _once_per_backward(compiled, graph_name, self.session)
+        return _once_per_backward(compiled, graph_name, self.session, _planned_sizes(example_inputs))
 
     def _graph_trainable(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphTrainable | None:
         """What each parameter input of this graph trains (None: all of them).
@@ -124,11 +125,18 @@ class GraphoptBackend:
         return entry[0] if entry is not None and entry[1] is value else None
 
 
-def _once_per_backward(compiled: Callable, graph_name: str, session: Session) -> Callable:
+def _once_per_backward(
+    compiled: Callable, graph_name: str, session: Session, planned: dict[int, int | tuple[int, ...]] | None = None
+) -> Callable:
     """`compiled`, refusing to run its forward again while the saved tensors of its
     previous run wait for their backward (`RepeatedGraphError`): the plan counted them
     once. A run's backward has come when the gradient of any of its outputs that require
-    one arrives, or when all of those are freed without a backward."""
+    one arrives, or when all of those are freed without a backward.
+
+    `planned` are the sizes a graph compiled for symbolic sizes was planned at (input
+    position -> the value of a SymInt input, or a tensor input's shape): a call with any
+    larger raises `ShapeAbovePlanError`, since its peak may exceed the budget. Smaller
+    sizes fit: every tensor's bytes grow with the sizes."""
     pending = 0
 
     def awaiting_backward(outputs: list[torch.Tensor]) -> None:
@@ -161,6 +169,8 @@ def _once_per_backward(compiled: Callable, graph_name: str, session: Session) ->
                 "accumulation_steps=k (graphopt.compile) or options={'accumulation_steps': k} (torch.compile); "
                 "otherwise clear gradients with zero_grad(set_to_none=True) before each step."
             )
+        if recording and planned:
+            _check_planned_sizes(args, planned, graph_name)
         if recording and pending:
             saved = session.saved_bytes.get(graph_name, 0)
             raise RepeatedGraphError(
@@ -174,6 +184,8 @@ def _once_per_backward(compiled: Callable, graph_name: str, session: Session) ->
                 "applied per block does this: the block compiles to one graph that runs once per block "
                 "(docs/distributed.md)."
             )
+        if recording:
+            session.forward_runs += 1
         outputs = compiled(*args)
         # Fake outputs come from a run at compile time (Dynamo's DDP graph splitting runs
         # each piece on fake tensors to trace the next): no backward follows it.
@@ -184,6 +196,41 @@ def _once_per_backward(compiled: Callable, graph_name: str, session: Session) ->
         return outputs
 
     return run
+
+
+def _planned_sizes(example_inputs: Sequence[Any]) -> dict[int, int | tuple[int, ...]]:
+    """The sizes a graph compiled for symbolic sizes is planned at: its SymInt inputs'
+    values and its symbolically shaped tensors' shapes, as traced (their hints)."""
+    planned: dict[int, int | tuple[int, ...]] = {}
+    for position, value in enumerate(example_inputs):
+        if isinstance(value, torch.SymInt):
+            hint = concrete_size(value)
+            if hint is not None:
+                planned[position] = hint
+        elif isinstance(value, torch.Tensor) and any(isinstance(size, torch.SymInt) for size in value.shape):
+            sizes = tuple(concrete_size(size) for size in value.shape)
+            if None not in sizes:
+                planned[position] = sizes
+    return planned
+
+
+def _check_planned_sizes(args: Sequence[Any], planned: dict[int, int | tuple[int, ...]], graph_name: str) -> None:
+    """Raise `ShapeAbovePlanError` when a call's sizes exceed those `graph_name` was planned at."""
+    for position, sizes in planned.items():
+        value = args[position] if position < len(args) else None
+        if isinstance(sizes, int):
+            over = isinstance(value, int) and value > sizes
+            seen = value
+        else:
+            seen = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+            over = seen is not None and len(seen) == len(sizes) and any(a > b for a, b in zip(seen, sizes))
+        if over:
+            raise ShapeAbovePlanError(
+                f"{graph_name} was compiled for symbolic sizes and planned at input {position} = {sizes}; this call "
+                f"has {seen}, where its peak may exceed the memory budget. graphopt.compile plans again at the "
+                "larger size when nothing of the step has run yet; otherwise call the model with its largest shape "
+                "first (smaller shapes then fit the plan), or compile with dynamic=False so each shape is planned."
+            )
 
 
 def _has_gradients(inputs: Sequence[Any]) -> bool:

@@ -54,3 +54,9 @@ class RepeatedGraphError(GraphoptError):
     """Under a memory budget, a compiled graph ran its forward again before the backward
     of its previous run: its saved tensors would be held twice, and its plan counted them
     once (``graphopt.compile`` plans each graph as running once per step)."""
+
+
+class ShapeAbovePlanError(GraphoptError):
+    """Under a memory budget, a graph compiled for symbolic sizes (``dynamic=True``,
+    ``mark_dynamic``, or Dynamo's automatic dynamic shapes) was called with a size larger
+    than the one its plan was made for, where its peak may exceed the budget."""

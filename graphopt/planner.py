@@ -115,7 +115,15 @@ class Session:
     given: dict[str, GivenPlan] = dataclasses.field(default_factory=dict)
     # Graph name -> bytes later graphs need while its saved tensors wait for its backward.
     room_after: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Graph name -> the Dynamo frame it was compiled for. A recompilation of a frame (a
+    # new shape, a failed guard) gives a graph that runs instead of the earlier one, not
+    # beside it: `record` drops the earlier one's bytes, and a graph never counts a
+    # version of its own frame as another graph.
+    frames: dict[str, object] = dataclasses.field(default_factory=dict)
     gradient_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # its parameters' gradients
+    # Budgeted forwards run so far: graphopt.compile plans a call again (a size above a
+    # symbolic graph's plan) only while none of that call has run.
+    forward_runs: int = 0
     _measured: MeasuredCostModel | None = None
     # optimizer=: parameter updates run inside the backward (passes/optimizer_in_backward.py)
     optimizer: OptimizerInBackward | None = dataclasses.field(init=False, default=None)
@@ -130,12 +138,17 @@ class Session:
             return GraphUpdates({}, 0)
         return self.optimizer.updates_for(joint, graph_parameters)
 
-    def other_graphs_bytes(self, graph: str, parameter_bytes: int) -> int:
-        earlier = sum(size for name, size in self.saved_bytes.items() if name != graph)
+    def other_graphs(self, graph: str, frame: object = None) -> list[str]:
+        """The graphs recorded so far that run beside `graph`: not itself, nor an
+        earlier version of its frame (which it replaces)."""
+        return [name for name in self.saved_bytes if name != graph and (frame is None or self.frames.get(name) != frame)]
+
+    def other_graphs_bytes(self, graph: str, parameter_bytes: int, frame: object = None) -> int:
+        earlier = sum(self.saved_bytes[name] for name in self.other_graphs(graph, frame))
         other_parameters = max(self.options.model_static_bytes - parameter_bytes, 0)
         return earlier + other_parameters
 
-    def resident_gradient_bytes(self, graph: str, gradient_bytes: int) -> int:
+    def resident_gradient_bytes(self, graph: str, gradient_bytes: int, frame: object = None) -> int:
         """The gradients alive from the step's start with accumulation (``.grad`` of every
         trainable parameter, from earlier micro-batches): the whole model's where
         ``graphopt.compile`` knows it, else this graph's and the other graphs' so far."""
@@ -143,13 +156,13 @@ class Session:
             return 0
         if self.options.model_gradient_bytes:
             return self.options.model_gradient_bytes
-        return gradient_bytes + sum(size for name, size in self.gradient_bytes.items() if name != graph)
+        return gradient_bytes + sum(self.gradient_bytes.get(name, 0) for name in self.other_graphs(graph, frame))
 
     def replan_request(self, graph: str, analysis: Analysis, error: BudgetInfeasibleError) -> GraphoptError:
         """What to raise when `graph` fits no plan: a request to replan the earlier
         graphs with room for it, or `error` itself when that cannot help (no earlier
         graph keeps anything, or they already leave that room)."""
-        earlier = [name for name, size in self.saved_bytes.items() if name != graph and size > 0]
+        earlier = [name for name in self.other_graphs(graph, self.frames.get(graph)) if self.saved_bytes[name] > 0]
         least = error.least_peak_bytes
         # What this graph needs beyond every parameter and what earlier graphs keep.
         need = least - analysis.extra_static_bytes - analysis.parameter_bytes
@@ -173,7 +186,15 @@ class Session:
             return self._measured.node_cost
         return functools.partial(estimate_node_cost, hardware=self.options.hardware)
 
-    def record(self, plan: Plan, saved_bytes: int, gradient_bytes: int = 0) -> None:
+    def record(self, plan: Plan, saved_bytes: int, gradient_bytes: int = 0, frame: object = None) -> None:
+        """Record a planned graph. An earlier graph of the same frame leaves the byte
+        counts (Dynamo replaced it, or runs it only for other shapes); its plan stays
+        in `plans`, as it still runs at the shapes it was compiled for."""
+        if frame is not None:
+            for name in [name for name, owner in self.frames.items() if owner == frame and name != plan.graph]:
+                for counts in (self.saved_bytes, self.gradient_bytes, self.frames):
+                    counts.pop(name, None)
+            self.frames[plan.graph] = frame
         self.plans = [p for p in self.plans if p.graph != plan.graph] + [plan]
         self.saved_bytes[plan.graph] = saved_bytes
         self.gradient_bytes[plan.graph] = gradient_bytes
@@ -210,11 +231,13 @@ def partition(
             static_lifetime_input_indices=static_lifetime_input_indices,
         )
     options = session.options
+    frame = torch_private.current_frame_id()
+    session.frames.setdefault(graph_name, frame)
     gradients = _parameter_gradient_bytes(joint)  # before optimizer= consumes them
     updates = session.graph_updates(joint, graph_parameters)
     joint = apply_optimizer_in_backward(joint, updates)
-    resident = session.resident_gradient_bytes(graph_name, gradients)
-    extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint)) + updates.optimizer_state_bytes + resident
+    resident = session.resident_gradient_bytes(graph_name, gradients, frame)
+    extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint), frame) + updates.optimizer_state_bytes + resident
     analysis = analyze(
         joint,
         options.hardware,
@@ -235,7 +258,7 @@ def partition(
     # What the forward hands on (saved tensors and outputs), alive while later graphs run:
     # the end of the forward's timeline the plan was judged by.
     forward_steps = forward.meta[_TIMELINES][0]
-    session.record(plan, forward_steps[-1] if forward_steps else 0, gradients)
+    session.record(plan, forward_steps[-1] if forward_steps else 0, gradients, frame)
     if options.memory_budget_bytes is not None:
         # The plan was judged in this order, which the simulation predicts exactly;
         # Inductor's own peak-memory reordering would move the peak where graphopt

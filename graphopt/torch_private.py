@@ -9,6 +9,7 @@ generation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -32,8 +33,9 @@ from torch._inductor.decomposition import select_decomp_table
 # `torch._inductor.lowering.should_fallback_max_pool_with_indices`), which Inductor
 # imports itself only when it compiles: without code generation it must be loaded here.
 import torch._inductor.lowering  # noqa: E402,F401  (import for its side effect)
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.fx import traceback as fx_traceback
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.experimental.proxy_tensor import is_sym_node
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree
@@ -733,6 +735,9 @@ def generate_wrapper_code(
     placeholders = copy.graph.find_nodes(op="placeholder")
     inputs = [node.meta["val"] for node in placeholders]
     fake_mode = torch._guards.detect_fake_mode(inputs) or FakeTensorMode()
+    at_hints = any(_symbolic(value) for value in inputs)
+    if at_hints:
+        fake_mode, inputs = _at_hints(copy, inputs)
     for position, node in enumerate(placeholders):
         stride, value = (input_strides or {}).get(node.name), inputs[position]
         if stride is not None and isinstance(value, torch.Tensor) and tuple(value.stride()) != tuple(stride):
@@ -747,9 +752,44 @@ def generate_wrapper_code(
     # saves around a random op), which some lowerings inspect (``aten.is_pinned``).
     allowed, fake_mode.allow_non_fake_inputs = fake_mode.allow_non_fake_inputs, True
     try:
-        return _lower_to_wrapper(copy, inputs, fake_mode, context, patches, is_backward, placeholders)
+        # Out of the compile's own fake mode, which would reject the static copy's tensors.
+        with unset_fake_temporarily() if at_hints else contextlib.nullcontext():
+            return _lower_to_wrapper(copy, inputs, fake_mode, context, patches, is_backward, placeholders)
     finally:
         fake_mode.allow_non_fake_inputs = allowed
+
+
+def _symbolic(value: object) -> bool:
+    if isinstance(value, torch.SymInt):
+        return True
+    return isinstance(value, torch.Tensor) and any(isinstance(size, torch.SymInt) for size in (*value.shape, *value.stride()))
+
+
+def _at_hints(graph_module: fx.GraphModule, inputs: list[Any]) -> tuple[FakeTensorMode, list[Any]]:
+    """A graph traced for symbolic sizes, made static at its sizes' hints (the sizes it
+    was traced at) in a fake mode of its own: its values' metadata propagated again from
+    inputs of those sizes. Lowering the symbolic graph itself would guard on its sizes in
+    Dynamo's shape environment (``int()`` of a size, Inductor's own checks), which
+    specializes the compiled graph to one shape."""
+    from .cost_models.memory import concrete_size
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def static(value: Any) -> Any:
+        if isinstance(value, torch.SymInt):
+            return concrete_size(value)
+        if not isinstance(value, torch.Tensor):
+            return value
+        shape = [concrete_size(size) for size in value.shape]
+        stride = [concrete_size(size) for size in value.stride()]
+        with mode:
+            tensor = torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device)
+        return tensor.as_strided(shape, stride, concrete_size(value.storage_offset())) if value.storage_offset() else tensor
+
+    with unset_fake_temporarily():
+        inputs = [static(value) for value in inputs]
+        FakeTensorProp(graph_module, mode=mode).propagate_dont_convert_inputs(*inputs)
+    return mode, inputs
 
 
 def _lower_to_wrapper(copy, inputs, fake_mode, context, patches, is_backward, placeholders) -> WrapperCode:

@@ -49,3 +49,18 @@ class MLPLoss(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x).square().mean()
+
+
+class SquaredLogits(nn.Module):
+    """A GPT whose loss is its logits' mean square. (With a cross-entropy loss graphopt's
+    loss chunking reads the token count as an int, which specializes the sequence length:
+    every length then compiles for itself, and no graph is symbolic.)"""
+
+    def __init__(self, seq: int = 128, **dims: int):
+        super().__init__()
+        from examples.gpt import build
+
+        self.gpt, _ = build(seq=seq, **dims)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.gpt(tokens).square().mean()

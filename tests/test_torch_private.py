@@ -87,6 +87,7 @@ PRIVATE_NAMES = [
     ("torch._ops", "OpOverloadPacket", "overload_packet"),
     ("torch._subclasses.fake_tensor", "FakeTensor", "UserCodeMode / is_fake"),
     ("torch._subclasses.fake_tensor", "FakeTensorMode", "new_fake_mode"),
+    ("torch._subclasses.fake_tensor", "unset_fake_temporarily", "generate_wrapper_code (a symbolic graph at its hints)"),
     ("torch.fx.traceback", "set_current_meta", "UserCodeMode"),
     ("torch.fx.experimental.proxy_tensor", "is_sym_node", "is_symbol / split_joint_graph"),
     ("torch.utils._pytree", "tree_iter", "UserCodeMode / NodeEmitter"),
@@ -466,6 +467,23 @@ def test_compile_without_codegen_runs_the_partitioned_graphs():
 def test_passes_through_dynamo_is_a_shortened_traceback():
     error = torch_private.PassesThroughDynamo("what to do next")
     assert isinstance(error, torch._dynamo.exc.ShortenTraceback) and str(error) == "what to do next"
+
+
+def test_generate_wrapper_code_leaves_a_symbolic_graph_unguarded():
+    """A graph traced for symbolic sizes is lowered as a static copy at its hints: lowering
+    it in its own shape environment added guards there (3 here), which specialized the
+    compiled graph to the traced shape, and every new size compiled again."""
+
+    def matmul_relu(x, w):
+        return (torch.relu(x @ w) * 2,)
+
+    traced = make_fx(matmul_relu, tracing_mode="symbolic")(torch.randn(4, 8), torch.randn(8, 16))
+    x = traced.graph.find_nodes(op="placeholder")[0].meta["val"]
+    shape_env = x.shape[0].node.shape_env
+    guards = len(shape_env.guards)
+    code = torch_private.generate_wrapper_code(traced)
+    assert len(shape_env.guards) == guards
+    assert code.buffer_bytes["buf1"] == 4 * 16 * 4  # sized at the hints
 
 
 def test_keep_order_marks_the_graph_for_inductor():

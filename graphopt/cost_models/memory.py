@@ -30,6 +30,15 @@ def _int(value: object) -> int:
     return int(value)  # raises for unbacked symbols, which we cannot size
 
 
+def concrete_size(value: object) -> int | None:
+    """An int size, or a symbolic one's hint (the value it was traced at); None for an
+    unbacked symbol, which has none."""
+    if isinstance(value, int):
+        return value
+    hint = getattr(getattr(value, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
+
+
 def value_bytes(value: object) -> int:
     """Bytes of a tensor value (the extent its strides reach), 0 for non-tensors."""
     if isinstance(value, (list, tuple)):
