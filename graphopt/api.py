@@ -10,7 +10,7 @@ import torch
 
 from .backend import GraphoptBackend
 from .config import Options, make_options
-from .distributed import is_ddp, rank_memory
+from .distributed import is_ddp, local_bytes, rank_memory
 from . import torch_private
 from .errors import GraphoptError, ReplanEarlierGraphs, ShapeAbovePlanError
 from .plan import Plan
@@ -207,12 +207,12 @@ def plans(compiled: Any) -> list[Plan]:
 
 def _gradient_bytes(model: Any, options: Options) -> int:
     """Bytes of the gradients of the model's trainable parameters: what ``.grad`` holds
-    between the micro-batches of an accumulated step."""
+    between the micro-batches of an accumulated step (under FSDP2, this rank's shards)."""
     if not isinstance(model, torch.nn.Module):
         return 0
     selected = select_parameters(options.trainable, model) if options.trainable is not None else None
     return sum(
-        parameter.numel() * parameter.element_size()
+        local_bytes(parameter)
         for name, parameter in model.named_parameters()
         if parameter.requires_grad and (selected is None or selected.get(name, 0) > 0)
     )

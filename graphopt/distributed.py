@@ -126,6 +126,12 @@ def _full_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of this rank's part of `tensor` (a DTensor's local shard, unpadded)."""
+    local = _local(tensor)
+    return local.numel() * local.element_size()
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of `tensor`: a DTensor's local shard, or the tensor."""
     from torch.distributed.tensor import DTensor
