@@ -145,8 +145,29 @@ def _gradient_cases(rank: int, store: str, out: str, width: int, blocks: int, ba
                     "recomputed": sum(d.action == "recompute" for plan in plans for d in plan.decisions),
                     "warned of rank memory": any("model_static_bytes" in m for m in warnings.messages),
                 }
+    results["fsdp accumulation"] = _accumulation_case(base, x)
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def _accumulation_case(base: nn.Module, x: torch.Tensor) -> dict:
+    """Two micro-batches under FSDP2 with accumulation_steps=2: the gradients alive
+    between them are this rank's shards."""
+    torch._dynamo.reset()
+    reference, model = _fsdp_whole(copy.deepcopy(base)), _fsdp_whole(copy.deepcopy(base))
+    compiled = graphopt.compile(model, memory_budget="1GB", accumulation_steps=2, compiler="eager")
+    steps = []
+    for step in (reference, compiled):
+        for _ in range(2):
+            loss = step(x)
+            loss.backward()
+        steps.append((loss.item(), [_local(p.grad).clone() for p in (reference if step is reference else model).parameters()]))
+    (plan,) = graphopt.plans(compiled)
+    return {
+        "difference": _difference(*steps),
+        "accumulated": plan.memory.get("accumulated gradients"),
+        "shards": sum(_local(p).numel() * _local(p).element_size() for p in model.parameters()),
+    }
 
 
 def _measured_cases(rank: int, store: str, out: str, width: int, blocks: int, batch: int, budget: int) -> None:
@@ -249,6 +270,13 @@ def test_ddp_is_one_graph_under_graphopt_compile(gradient_cases):
 def test_whole_model_fsdp_under_a_budget_recomputes(gradient_cases):
     for results in gradient_cases:
         assert results["fsdp graphopt.compile budget"]["recomputed"] > 0
+
+
+def test_fsdp_accumulation_counts_this_ranks_gradient_shards(gradient_cases):
+    for results in gradient_cases:
+        result = results["fsdp accumulation"]
+        assert result["difference"] is None
+        assert result["accumulated"] == result["shards"]
 
 
 def test_torch_compile_under_a_budget_warns_that_rank_memory_is_not_counted(gradient_cases):
