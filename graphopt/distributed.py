@@ -59,7 +59,7 @@ class RankMemory:
         )
 
     def by_kind(self) -> dict[str, int]:
-        """The nonzero kinds, in words (for plans and messages)."""
+        """The nonzero kinds, in words."""
         kinds = {
             "parameters (this rank's)": self.parameters,
             "buffers": self.buffers,
@@ -134,9 +134,11 @@ def local_bytes(tensor: torch.Tensor) -> int:
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of `tensor`: a DTensor's local shard, or the tensor."""
+    if not torch.distributed.is_available():
+        return tensor
     from torch.distributed.tensor import DTensor
 
-    return tensor.to_local() if torch.distributed.is_available() and isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -326,6 +326,15 @@ def test_per_block_fsdp_under_a_budget_refuses_the_reused_block_graph(gradient_c
         assert results[f"fsdp-blocks {entry} budget"]["error"] == "RepeatedGraphError"
 
 
+def test_rank_memory_of_a_plain_model_is_its_parameters_and_buffers_each_storage_once():
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8))
+    model[2].weight = model[0].weight  # tied: one storage
+    held = graphopt.rank_memory(model)
+    assert held.parameters == (8 * 8 + 8 + 8 + 8 + 8) * 4
+    assert held.buffers == (8 + 8) * 4 + 8  # running mean and variance, num_batches_tracked (int64)
+    assert held.total_bytes == held.parameters + held.buffers
+
+
 # ----------------------------------------------------------------------------- graphopt plan --ddp
 
 TINY_MODEL = '''
