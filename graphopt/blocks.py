@@ -179,7 +179,12 @@ class ComposedPlanner:
         taken.
         """
         low = self._least_budget(options)
-        least = self._at(options, low)
+        try:
+            least = self._at(options, low)
+        except BudgetInfeasibleError:
+            # Planned again for its least budget, the 3-block model need not meet it:
+            # its rounds are judged by the simulation and may stop on other plans.
+            raise _NotComposable("the 3-block model does not meet its own least budget again") from None
         if least.predicted_peak_bytes > usable:
             # Repeating one block's least-peak decisions is not the least the whole model
             # can reach (its program may recompute more in the middle blocks, where the

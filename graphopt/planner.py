@@ -35,7 +35,7 @@ from .passes.lower_saves import lower_saves
 from .passes.offload import hoist_prefetches
 from .passes.prune_frozen import prune_frozen
 from .plan import Decision, GraphReordering, Plan, width_label
-from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, action_error, action_ms, memory_timeline, parse_action, redo_ms
+from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, action_error, check_actions, action_ms, memory_timeline, parse_action, redo_ms
 from .solver import least_peak, solve
 from .trainable import GraphTrainable
 
@@ -295,7 +295,7 @@ def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis
     if given is None and options.memory_budget_bytes is not None and predicted_peak > _usable(options):
         analysis = _count_input_copies(analysis, forward.meta.get(_INPUT_COPIES, {}))
         analysis = _learn_from_min_cut(analysis, solution)
-        solution, forward, backward, predicted_peak = _solve_and_split(joint, analysis, options, predicted_peak, clock)
+        solution, forward, backward, predicted_peak = _solve_and_split(joint, analysis, options, solution, predicted_peak, clock)
     reordering = forward.meta.get(_REORDERING, ())
     plan = build_plan(
         joint, options, graph_name, analysis, solution, predicted_peak, forward, backward, reordering,
@@ -544,7 +544,7 @@ def _learn_from_min_cut(analysis: Analysis, min_cut: Solution) -> Analysis:
     return dataclasses.replace(analysis, problem=dataclasses.replace(analysis.problem, candidates=candidates))
 
 
-def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: int, clock: PlanningClock):
+def _solve_and_split(joint, analysis: Analysis, options: Options, default: Solution, default_peak: int, clock: PlanningClock):
     """Solve, split, simulate; move the program's budget until the simulation fits snugly.
 
     The program's memory model is approximate (see docs/design.md) in both directions;
@@ -553,23 +553,32 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
     plan overshoots, up when it leaves more than `SNUG_FRACTION` unused (a looser plan
     recomputes less); once one target fits and another overshoots, a shift that leaves
     the interval between them bisects it. The fastest plan that fits wins.
-    `default_peak` is torch's min-cut peak, the first point of reference. The rounds stop
-    when `clock` runs out and a plan fits.
+    `default` is torch's min-cut plan and `default_peak` its simulated peak, the first
+    point of reference. The rounds stop when `clock` runs out and a plan fits. Each
+    least-peak solve starts from the plan of least program peak seen so far, so a solve
+    the clock cuts short never answers with a higher floor than one already found.
     """
     problem = analysis.problem
     budget = _usable(options)
     target, least, best = budget, default_peak, None
     fits, overshoots = None, None  # the highest target whose plan fit, the lowest whose did not
     tried, floor_tried = {budget}, False
+    # The plan of least program peak so far; min-cut's, where the program can express it
+    # (it may save what the program only recomputes, e.g. a BatchNorm's statistics).
+    lowest, lowest_peak = None, None
+    if not check_actions(problem, default.actions):
+        lowest, lowest_peak = default.actions, max(memory_timeline(problem, default.actions))
     for round_number in range(1, MAX_REPAIR_ROUNDS + 1):
         if clock.expired and best is not None:
             break
-        solution = solve(dataclasses.replace(problem, budget_bytes=target), time_limit_s=clock.solve_limit_s())
+        solution = solve(dataclasses.replace(problem, budget_bytes=target), time_limit_s=clock.solve_limit_s(), start=lowest)
         if solution is None:  # below the model's least peak, which is conservative: try that plan
             if floor_tried:
                 break  # lower targets all give that plan again
             floor_tried = True
-            solution = least_peak(problem, time_limit_s=clock.solve_limit_s())
+            solution = least_peak(problem, time_limit_s=clock.solve_limit_s(), start=lowest)
+        if lowest_peak is None or solution.peak_bytes < lowest_peak:
+            lowest, lowest_peak = solution.actions, solution.peak_bytes
         forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution, options)
         _progress(options, "round %d: program budget %s -> %s plan, simulated peak %s (%s the usable %s), added %.2f ms; "
                   "%.1f s so far", round_number, format_bytes(target), solution.method, format_bytes(predicted_peak),
@@ -595,16 +604,16 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default_peak: 
         _progress(options, "simulated peak %s for a usable %s; replanning for %s", format_bytes(predicted_peak), format_bytes(budget), format_bytes(target))
     if best is not None:
         return best
-    return _sweep(joint, analysis, options, least, clock)
+    return _sweep(joint, analysis, options, least, clock, lowest)
 
 
-def _sweep(joint, analysis: Analysis, options: Options, least_seen: int, clock: PlanningClock):
+def _sweep(joint, analysis: Analysis, options: Options, least_seen: int, clock: PlanningClock, start: Sequence[str] | None):
     """Last resort before giving up: plans for program budgets from the model's least
     peak up to the default's, each simulated. The first that fits is used; otherwise
     the least simulated peak is what the error reports, so that number is reachable.
     Once `clock` has run out only the least-peak plan is judged."""
     problem, budget = analysis.problem, _usable(options)
-    floor = least_peak(problem, time_limit_s=clock.solve_limit_s())
+    floor = least_peak(problem, time_limit_s=clock.solve_limit_s(), start=start)
     best_solution, least = floor, least_seen
     for step in range(SWEEP_POINTS):
         if step and clock.expired:

@@ -184,7 +184,7 @@ class Solution:
     actions: tuple[str, ...]  # KEEP / RECOMPUTE / DROP or an alternative's action, per candidate
     peak_bytes: int
     added_ms: float
-    method: str  # "milp-optimal", "milp-time-limit", "greedy", ...
+    method: str  # "milp-optimal", "milp-time-limit", "milp-start" (the plan it began from), "greedy"
     solve_s: float = 0.0
     error: float = 0.0  # summed expected relative squared error of the lossy choices
 

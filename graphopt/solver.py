@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pulp
 
@@ -69,31 +69,38 @@ def solve(
     time_limit_s: float = 30.0,
     relative_gap: float = 0.005,
     progress: Progress | None = None,
+    start: Sequence[str] | None = None,
 ) -> Solution | None:
     """The fastest plan under the budget, or None when no plan fits.
 
-    With ``problem.budget_bytes`` None, returns the plan of least peak instead.
+    With ``problem.budget_bytes`` None, returns the plan of least peak instead. `start`
+    (actions, one per candidate) is a plan the solver begins from: where it fits, the
+    answer is never worse than it, however soon the time limit stops the search.
     """
     started = time.perf_counter()
     if progress:
         progress(f"solving keep/recompute for {len(problem.candidates)} tensors (limit {time_limit_s:.0f} s)")
-    actions, status = _solve_milp(problem, time_limit_s, relative_gap)
+    actions, status = _solve_milp(problem, time_limit_s, relative_gap, start)
+    found = [(actions, f"milp-{status}")] if actions is not None else []
+    if start is not None:  # the search may have stopped before it reached its start
+        found.append((list(start), "milp-start"))
     elapsed = time.perf_counter() - started
-    if actions is not None:
-        solution = evaluate(problem, actions, f"milp-{status}", elapsed)
-        if problem.budget_bytes is None or solution.peak_bytes <= problem.budget_bytes:
-            return solution
-    fallback = greedy(problem)
-    elapsed = time.perf_counter() - started
-    if fallback is None:
-        return None
-    return evaluate(problem, fallback.actions, "greedy", elapsed)
+    fitting = [evaluate(problem, plan, method, elapsed) for plan, method in found]
+    fitting = [solution for solution in fitting if problem.budget_bytes is None or solution.peak_bytes <= problem.budget_bytes]
+    if not fitting:
+        fallback = greedy(problem)
+        if fallback is None:
+            return None
+        fitting = [evaluate(problem, fallback.actions, "greedy", time.perf_counter() - started)]
+    if problem.budget_bytes is None:
+        return min(fitting, key=lambda solution: (solution.peak_bytes, solution.added_ms))
+    return min(fitting, key=lambda solution: (solution.added_ms, solution.peak_bytes))
 
 
-def least_peak(problem: Problem, *, time_limit_s: float = 30.0) -> Solution:
-    """The plan of least peak memory (ignores the budget)."""
+def least_peak(problem: Problem, *, time_limit_s: float = 30.0, start: Sequence[str] | None = None) -> Solution:
+    """The plan of least peak memory (ignores the budget); never above `start`'s peak."""
     unconstrained = dataclasses.replace(problem, budget_bytes=None)
-    solution = solve(unconstrained, time_limit_s=time_limit_s)
+    solution = solve(unconstrained, time_limit_s=time_limit_s, start=start)
     assert solution is not None, "the least-peak program always has a solution"
     return solution
 
@@ -101,11 +108,11 @@ def least_peak(problem: Problem, *, time_limit_s: float = 30.0) -> Solution:
 # ----------------------------------------------------------------------------- MILP
 
 
-def _solver(time_limit_s: float, relative_gap: float) -> pulp.LpSolver:
+def _solver(time_limit_s: float, relative_gap: float, warm_start: bool) -> pulp.LpSolver:
     highs = _QuietHiGHS(time_limit_s, relative_gap)
     if highs.available():
         return highs
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=relative_gap)
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=relative_gap, warmStart=warm_start)
 
 
 class _QuietHiGHS(pulp.HiGHS):
@@ -133,10 +140,26 @@ class _QuietHiGHS(pulp.HiGHS):
         lp.solverModel.setOptionValue("mip_rel_gap", self.gapRel)
         lp.solverModel.setOptionValue("time_limit", float(self.timeLimit))
 
+    def callSolver(self, lp: pulp.LpProblem) -> None:  # noqa: N802 - pulp's name
+        """Run, starting from the variables given initial values (``setInitialValue``):
+        a partial solution, which HiGHS completes by solving for the other variables."""
+        import numpy
 
-def _solve_milp(problem: Problem, time_limit_s: float, relative_gap: float) -> tuple[list[str] | None, str]:
+        started = [variable for variable in lp.variables() if variable.varValue is not None]
+        if started:
+            indices = numpy.array([variable.index for variable in started], dtype=numpy.int32)
+            values = numpy.array([variable.varValue for variable in started], dtype=numpy.float64)
+            lp.solverModel.setSolution(len(started), indices, values)
+        super().callSolver(lp)
+
+
+def _solve_milp(
+    problem: Problem, time_limit_s: float, relative_gap: float, start: Sequence[str] | None = None
+) -> tuple[list[str] | None, str]:
     program = pulp.LpProblem("graphopt_keep_recompute", pulp.LpMinimize)
     keep, recompute, alternatives = _decision_variables(program, problem)
+    if start is not None:
+        _set_start(problem, start, keep, recompute, alternatives)
     peak = _variable(program, "peak_mb", lowBound=0) if problem.budget_bytes is None else None
 
     available = [keep[i] + recompute[i] + pulp.lpSum(alternatives[i]) for i in range(len(problem.candidates))]
@@ -173,7 +196,7 @@ def _solve_milp(problem: Problem, time_limit_s: float, relative_gap: float) -> t
         kept_mb = pulp.lpSum(c.size_bytes / MB * keep[i] for i, c in enumerate(problem.candidates))
         program += peak + LEAST_PEAK_KEPT_WEIGHT * kept_mb
 
-    program.solve(_solver(time_limit_s, relative_gap))
+    program.solve(_solver(time_limit_s, relative_gap, warm_start=start is not None))
     status = pulp.LpStatus[program.status]
     found = program.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
     if not found or not _has_incumbent(keep + recompute + [v for row in alternatives for v in row]):
@@ -209,6 +232,16 @@ def _decision_variables(program: pulp.LpProblem, problem: Problem) -> tuple[list
             [_variable(program, f"alternative_{index}_{k}", cat="Binary") for k in range(len(candidate.alternatives))]
         )
     return keep, recompute, alternatives
+
+
+def _set_start(problem: Problem, start: Sequence[str], keep: list, recompute: list, alternatives: list[list]) -> None:
+    """Give the decision binaries the values of the plan `start`."""
+    for index, (candidate, action) in enumerate(zip(problem.candidates, start)):
+        options = [(keep[index], KEEP), (recompute[index], RECOMPUTE)]
+        options += [(variable, alternative.action) for variable, alternative in zip(alternatives[index], candidate.alternatives)]
+        for variable, chosen in options:
+            if isinstance(variable, pulp.LpVariable):
+                variable.setInitialValue(1 if chosen == action else 0)
 
 
 def _held(program: pulp.LpProblem, problem: Problem, keep: list) -> list:

@@ -274,3 +274,16 @@ def _valid_plans(problem):
     for actions in itertools.product([KEEP, RECOMPUTE, DROP], repeat=len(problem.candidates)):
         if not check_actions(problem, actions):
             yield actions
+
+
+def test_a_start_plan_bounds_what_a_cut_short_solve_returns():
+    """A least-peak solve stopped before it found anything answers with its start (here
+    checkpointing's cut: every 17th tensor kept, the segments between recomputed), not
+    with the greedy fallback's far higher peak."""
+    problem = chain_problem(None, num_layers=300, size=2 * MB, cost_ms=0.01)
+    start = [KEEP if index % 17 == 0 else RECOMPUTE for index in range(len(problem.candidates))]
+    start_peak = max(memory_timeline(problem, start))
+    assert greedy(problem).peak_bytes > start_peak
+    solution = least_peak(problem, time_limit_s=0.001, start=start)
+    assert solution.peak_bytes <= start_peak
+    assert solve(dataclasses.replace(problem, budget_bytes=start_peak), time_limit_s=0.001, start=start).peak_bytes <= start_peak
