@@ -259,10 +259,11 @@ def partition(
     # the end of the forward's timeline the plan was judged by.
     forward_steps = forward.meta[_TIMELINES][0]
     session.record(plan, forward_steps[-1] if forward_steps else 0, gradients, frame)
-    if options.memory_budget_bytes is not None:
-        # The plan was judged in this order, which the simulation predicts exactly;
-        # Inductor's own peak-memory reordering would move the peak where graphopt
-        # cannot see it (lower on the wide MLP of tests/test_inductor.py, by 12%).
+    if options.memory_budget_bytes is not None and not _predicted_from_code(forward):
+        # The plan was judged in this order, which graphopt's simulation of the FX
+        # graphs assumes; Inductor's own peak-memory reordering would move the peak
+        # where the simulation cannot see it. A peak read from the code Inductor
+        # generates already includes Inductor's reordering.
         torch_private.keep_order_through_inductor(forward)
         torch_private.keep_order_through_inductor(backward)
     log.info("%s", plan)
@@ -698,6 +699,7 @@ def _simulated_timeline(joint, analysis: Analysis, forward: fx.GraphModule, back
 
 
 _TIMELINES = "graphopt_timelines"  # forward.meta key: both graphs' timelines, once computed
+_FROM_CODE = "graphopt_timelines_from_code"  # forward.meta key: whether Inductor's code gave them
 
 
 def _graph_timelines(joint, analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule, options: Options):
@@ -711,28 +713,29 @@ def _graph_timelines(joint, analysis: Analysis, forward: fx.GraphModule, backwar
     owned = _backward_owned_inputs(analysis, backward)
     timelines = None
     if options.compiler == "inductor" and options.prediction == "code":
-        timelines = _inductor_timelines(joint, forward, backward, owned, keep_order=options.memory_budget_bytes is not None)
+        timelines = _inductor_timelines(joint, forward, backward, owned)
+    forward.meta[_FROM_CODE] = timelines is not None
     if timelines is None:
         timelines = (graph_timeline(forward), graph_timeline(backward, owned))
     forward.meta[_TIMELINES] = timelines
     return timelines
 
 
-def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule, owned: dict, *, keep_order: bool):
+def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule, owned: dict):
     """Both graphs' timelines replayed from the wrapper code Inductor generates for them
     (no kernel is compiled), or None where Inductor cannot generate it here; the plan
     then lists the fallback among its assumptions (``forward.meta[_PREDICTION_FALLBACK]``)."""
     try:
         donated = torch_private.backward_donated_inputs(forward, backward, joint.num_fwd_outputs)
         device = _device_type(forward)
-        code = torch_private.generate_wrapper_code(forward, keep_order=keep_order)
+        code = torch_private.generate_wrapper_code(forward)
         forward_steps = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides, code.shapes, device)
         forward.meta[_INPUT_COPIES] = _input_copies(forward, code)
         owned = _owned_as_returned(forward, code, owned)
         strides = _saved_strides(forward, code)
         # A saved view holds the whole buffer the forward returned it from.
         sizes = {placeholder: code.buffer_bytes[key] for placeholder, key in owned.items() if key in code.buffer_bytes}
-        code = torch_private.generate_wrapper_code(backward, donated, is_backward=True, keep_order=keep_order, input_strides=strides)
+        code = torch_private.generate_wrapper_code(backward, donated, is_backward=True, input_strides=strides)
         sizes = {**code.buffer_bytes, **{name: max(size, code.buffer_bytes.get(name, 0)) for name, size in sizes.items()}}
         return forward_steps, wrapper_timeline(code.source, sizes, owned, code.strides, code.shapes, device)
     except Exception as error:  # noqa: BLE001 - any failure falls back to the simulation, which the plan says
@@ -745,6 +748,11 @@ def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule
 
 
 _PREDICTION_FALLBACK = "graphopt_prediction_fallback"  # forward.meta key: why the simulation predicted the peak
+
+
+def _predicted_from_code(forward: fx.GraphModule) -> bool:
+    """Whether the split's peak was read from the code Inductor generates for it."""
+    return forward.meta.get(_FROM_CODE, False)
 _INPUT_COPIES = "graphopt_input_copies"  # forward.meta key: {graph input name: bytes of Inductor's copy}
 
 
