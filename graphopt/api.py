@@ -10,7 +10,7 @@ import torch
 
 from .backend import GraphoptBackend
 from .config import Options, make_options
-from .distributed import is_ddp, local_bytes, rank_memory
+from .distributed import graph_runs, is_ddp, local_bytes, rank_memory
 from . import torch_private
 from .errors import GraphoptError, ReplanEarlierGraphs, ShapeAbovePlanError
 from .plan import Plan
@@ -191,10 +191,11 @@ def _needs_resident_gradients(options: Options, trained: list[torch.Tensor]) -> 
 
 def _backend(options: Options, model: Any) -> GraphoptBackend:
     """The backend; with ``trainable=`` on a module, checked against all its parameters."""
+    runs = graph_runs(model)
     if options.trainable is None or not isinstance(model, torch.nn.Module):
-        return GraphoptBackend(options)
+        return GraphoptBackend(options, graph_runs=runs)
     selection = select_parameters(options.trainable, model)
-    return GraphoptBackend(options, parameters=dict(model.named_parameters()), selection=selection)
+    return GraphoptBackend(options, parameters=dict(model.named_parameters()), selection=selection, graph_runs=runs)
 
 
 def plans(compiled: Any) -> list[Plan]:

@@ -41,11 +41,14 @@ class GraphoptBackend:
         parameters: dict[str, torch.nn.Parameter] | None = None,
         selection: dict[str, float] | None = None,
         room_after: dict[str, int] | None = None,
+        graph_runs: Callable[[Sequence[Any]], int] | None = None,
     ):
         """`parameters` (the model's, by name) and `selection` (name -> fraction that
         trains, checked against the whole model) come from ``graphopt.compile``; without
         them parameter names are read from Dynamo's sources, graph by graph.
-        `room_after` is what graphs must leave free for later ones (``Session``)."""
+        `room_after` is what graphs must leave free for later ones (``Session``).
+        `graph_runs(example_inputs)` says how many times per step a graph may run before
+        its first backward (``distributed.graph_runs``; 1 without it)."""
         given = {graph: GivenPlan(dict(decisions), by_min_cut) for graph, by_min_cut, decisions in options.given}
         self.session = Session(options, given=given, room_after=dict(room_after or {}))
         self._graphs = 0
@@ -53,16 +56,17 @@ class GraphoptBackend:
         self._names_by_id = {id(p): (name, p) for name, p in (parameters or {}).items()}
         self._selection = selection
         self._frozen_rows = FrozenRowsGuard()  # its optimizer hook goes with this backend
+        self._graph_runs = graph_runs
 
     def replanned(self, room_after: dict[str, int]) -> GraphoptBackend:
         """A fresh backend (Dynamo compiles again for it) whose graphs leave `room_after`."""
-        return GraphoptBackend(self.session.options, self._parameters, self._selection, room_after)
+        return GraphoptBackend(self.session.options, self._parameters, self._selection, room_after, self._graph_runs)
 
     def with_resident_gradients(self) -> GraphoptBackend:
         """A fresh backend whose plans count the parameters' gradients as alive from the
         step's start (gradient accumulation)."""
         options = dataclasses.replace(self.session.options, resident_gradients=True)
-        return GraphoptBackend(options, self._parameters, self._selection, self.session.room_after)
+        return GraphoptBackend(options, self._parameters, self._selection, self.session.room_after, self._graph_runs)
 
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if self.session.options.memory_budget_bytes is not None and torch_private.compiling_ddp_bucket_graph():
@@ -77,8 +81,9 @@ class GraphoptBackend:
         self._graphs += 1
         trainable = self._graph_trainable(graph_module, example_inputs)
         graph_parameters = self._graph_parameters(graph_module, example_inputs)
+        runs = self._graph_runs(example_inputs) if self._graph_runs is not None else 1
         partition_fn = functools.partial(
-            partition, self.session, graph_name, trainable=trainable, graph_parameters=graph_parameters
+            partition, self.session, graph_name, trainable=trainable, graph_parameters=graph_parameters, runs=runs
         )
 
         def compile_graph(graph: fx.GraphModule) -> Callable:
@@ -91,7 +96,7 @@ class GraphoptBackend:
         compiled = compile_with_chunking(self.session, graph_name, graph_module, compile_graph)
         if self.session.options.memory_budget_bytes is None:
             return compiled
-        return _once_per_backward(compiled, graph_name, self.session, _planned_sizes(example_inputs))
+        return _once_per_backward(compiled, graph_name, self.session, _planned_sizes(example_inputs), runs)
 
     def _graph_trainable(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphTrainable | None:
         """What each parameter input of this graph trains (None: all of them).
@@ -126,7 +131,11 @@ class GraphoptBackend:
 
 
 def _once_per_backward(
-    compiled: Callable, graph_name: str, session: Session, planned: dict[int, int | tuple[int, ...]] | None = None
+    compiled: Callable,
+    graph_name: str,
+    session: Session,
+    planned: dict[int, int | tuple[int, ...]] | None = None,
+    runs: int = 1,
 ) -> Callable:
     """`compiled`, refusing to run its forward again while the saved tensors of its
     previous run wait for their backward (`RepeatedGraphError`): the plan counted them
@@ -136,7 +145,10 @@ def _once_per_backward(
     `planned` are the sizes a graph compiled for symbolic sizes was planned at (input
     position -> the value of a SymInt input, or a tensor input's shape): a call with any
     larger raises `ShapeAbovePlanError`, since its peak may exceed the budget. Smaller
-    sizes fit: every tensor's bytes grow with the sizes."""
+    sizes fit: every tensor's bytes grow with the sizes.
+
+    A graph planned for `runs` runs before its first backward (per-block FSDP2's block
+    graph, `planner._plan_for_runs`) refuses only the run after those."""
     pending = 0
 
     def awaiting_backward(outputs: list[torch.Tensor]) -> None:
@@ -171,7 +183,7 @@ def _once_per_backward(
             )
         if recording and planned:
             _check_planned_sizes(args, planned, graph_name)
-        if recording and pending:
+        if recording and pending >= runs:
             saved = session.saved_bytes.get(graph_name, 0)
             raise RepeatedGraphError(
                 f"{graph_name} ran its forward again before the backward of its previous run, so the "
@@ -181,8 +193,8 @@ def _once_per_backward(
                 "backward. Under a memory budget graphopt cannot yet plan a graph that runs several times per "
                 "step: remove the graph break (an explicit graph_break(), a print, an unsupported call) so the "
                 "loop compiles into one graph, or call backward after each forward. Under FSDP2, fully_shard "
-                "applied per block does this: the block compiles to one graph that runs once per block "
-                "(docs/distributed.md)."
+                "applied per block does this: the block compiles to one graph that runs once per block; "
+                "graphopt.compile plans it for every block (docs/distributed.md)."
             )
         if recording:
             session.forward_runs += 1

@@ -18,7 +18,7 @@ includes the largest unit's all-gathered parameters, which a graph's inputs repl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -95,6 +95,30 @@ def rank_memory(model: object) -> RankMemory:
         gathered_reserve=largest if len(units) > 1 else 0,
         reduce_scatter_reserve=largest_gradients,
     )
+
+
+def graph_runs(model: object) -> Callable[[Sequence[object]], int] | None:
+    """For a model with several FSDP2 units: how many times per step a graph may run
+    before its first backward, from its example inputs. Dynamo breaks the graph at each
+    unit and compiles one graph for units of one class (the same forward code), called
+    once per unit; a graph whose parameter inputs are a unit's (FSDP2 registers the
+    unsharded parameters on the unit while it runs) runs at most as many times as there
+    are units of that class. An over-count (a unit compiled again for other guards)
+    only reserves more. None for other models: every graph runs once."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    units = fsdp_units(model)
+    if len(units) < 2:
+        return None
+
+    def runs(example_inputs: Sequence[object]) -> int:
+        inputs = {id(value) for value in example_inputs if isinstance(value, torch.Tensor)}
+        for unit in reversed(units):  # innermost first
+            if any(id(p) in inputs for p in _unit_parameters(unit, units)):
+                return sum(type(other) is type(unit) for other in units)
+        return 1
+
+    return runs
 
 
 def is_ddp(model: object) -> bool:

@@ -43,6 +43,9 @@ log = logging.getLogger("graphopt")
 
 # How often the budget is tightened after simulating the split graphs.
 MAX_REPAIR_ROUNDS = 6
+# Plans made for a graph that runs several times per step before its reserve for its
+# earlier runs covers what they keep (`_plan_for_runs`).
+MAX_RUN_ROUNDS = 6
 # A fitting plan that leaves more of the usable budget than this unused is loosened.
 SNUG_FRACTION = 0.02
 # Program budgets tried, evenly spaced, before reporting that nothing fits.
@@ -210,6 +213,7 @@ def partition(
     static_lifetime_input_indices: Sequence[int] | None = None,
     trainable: GraphTrainable | None = None,
     graph_parameters: GraphParameters | None = None,
+    runs: int = 1,
     **_: object,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """graphopt's partition function (the signature AOTAutograd and Inductor call).
@@ -238,27 +242,33 @@ def partition(
     joint = apply_optimizer_in_backward(joint, updates)
     resident = session.resident_gradient_bytes(graph_name, gradients, frame)
     extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint), frame) + updates.optimizer_state_bytes + resident
-    analysis = analyze(
-        joint,
-        options.hardware,
-        budget_bytes=options.memory_budget_bytes,
-        extra_static_bytes=extra,
-        node_cost=session.node_cost(),
-        alternatives=alternative_settings(options),
-        error_weight_ms=options.lossy_error_weight_ms,
-        room_after_forward=session.room_after.get(graph_name, 0),
-    )
+    analyses = []
+
+    def plan_with(reserved: int):
+        analyses.append(analyze(
+            joint,
+            options.hardware,
+            budget_bytes=options.memory_budget_bytes,
+            extra_static_bytes=extra + reserved,
+            node_cost=session.node_cost(),
+            alternatives=alternative_settings(options),
+            error_weight_ms=options.lossy_error_weight_ms,
+            room_after_forward=session.room_after.get(graph_name, 0),
+        ))
+        return _plan_graph(session, graph_name, joint, joint_inputs, analyses[-1])
+
     try:
-        plan, forward, backward = _plan_graph(session, graph_name, joint, joint_inputs, analysis)
-    except BudgetInfeasibleError as error:
-        raise session.replan_request(graph_name, analysis, error) from None
+        reserved, (plan, forward, backward) = _plan_for_runs(plan_with, runs, graph_name)
+    except BudgetInfeasibleError as error:  # even without a reserve for earlier runs
+        raise session.replan_request(graph_name, analyses[-1], error) from None
     plan = dataclasses.replace(plan, pruning=pruning)
     plan = _with_optimizer_memory(plan, updates)
     plan = _with_resident_gradients(plan, resident)
+    plan = _with_earlier_runs(plan, reserved)
     # What the forward hands on (saved tensors and outputs), alive while later graphs run:
     # the end of the forward's timeline the plan was judged by.
     forward_steps = forward.meta[_TIMELINES][0]
-    session.record(plan, forward_steps[-1] if forward_steps else 0, gradients, frame)
+    session.record(plan, runs * (forward_steps[-1] if forward_steps else 0), gradients, frame)
     if options.memory_budget_bytes is not None and not _predicted_from_code(forward):
         # The plan was judged in this order, which graphopt's simulation of the FX
         # graphs assumes; Inductor's own peak-memory reordering would move the peak
@@ -268,6 +278,49 @@ def partition(
         torch_private.keep_order_through_inductor(backward)
     log.info("%s", plan)
     return forward, backward
+
+
+def _plan_for_runs(plan_with, runs: int, graph_name: str):
+    """The plan of a graph that runs `runs` times before its first backward (a block
+    compiled once and called once per block, as under per-block FSDP2), and the bytes it
+    reserves for its earlier runs: (runs - 1) times what its forward hands on (its saved
+    tensors), alive while the last run and the first backwards run. That depends on the
+    plan, so plans are made until one fits beside the reserve it was made with: from no
+    reserve, then each plan's need; a reserve no plan fits beside is halved towards the
+    last one that was too small. `plan_with(reserved)` plans with `reserved` more static
+    memory and returns (plan, forward, backward); `BudgetInfeasibleError` when the graph
+    fits no plan even without a reserve."""
+    if runs <= 1:
+        return 0, plan_with(0)
+    reserved, too_small = 0, 0
+    for _ in range(MAX_RUN_ROUNDS):
+        try:
+            result = plan_with(reserved)
+        except BudgetInfeasibleError:
+            if reserved <= too_small:
+                raise
+            reserved = (reserved + too_small) // 2
+            continue
+        forward_steps = result[1].meta[_TIMELINES][0]
+        need = (runs - 1) * (forward_steps[-1] if forward_steps else 0)
+        if need <= reserved:
+            return reserved, result
+        too_small, reserved = reserved, need
+    raise GraphoptError(
+        f"{graph_name} runs {runs} times before its first backward (one graph for {runs} blocks), and no plan found "
+        f"fits beside what its earlier runs keep ({format_bytes(reserved)} asked for last); raise the budget, or "
+        "shrink the batch"
+    )
+
+
+def _with_earlier_runs(plan: Plan, reserved: int) -> Plan:
+    """The plan's static memory with what the graph's earlier runs in the step keep."""
+    if not reserved:
+        return plan
+    memory = dict(plan.memory)
+    memory["other graphs"] -= reserved
+    memory["its earlier runs"] = reserved
+    return dataclasses.replace(plan, memory=memory)
 
 
 def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis: Analysis):

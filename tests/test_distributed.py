@@ -110,6 +110,7 @@ def _gradient_cases(rank: int, store: str, out: str, width: int, blocks: int, ba
     base = Residual(width, blocks)
     x = torch.randn(batch, width, generator=torch.Generator().manual_seed(rank))
     results = {}
+    whole_step_peak = 0  # whole-model FSDP2's unbudgeted plan: the step, every block's saved tensors in it
     warnings = _Messages()
     logging.getLogger("graphopt").addHandler(warnings)
     for wrap_name, wrap in WRAPS.items():
@@ -121,8 +122,10 @@ def _gradient_cases(rank: int, store: str, out: str, width: int, blocks: int, ba
                 case = f"{wrap_name} {entry} {'budget' if budgeted else 'no budget'}"
                 torch._dynamo.reset()
                 model = wrap(copy.deepcopy(base))
-                # A budget 10% under the rank's unbudgeted plan makes graphopt recompute.
-                budget = int(0.9 * unbudgeted_peak) if budgeted else None
+                # A budget 10% under the rank's unbudgeted plan makes graphopt recompute. A
+                # per-block graph's plan counts one block's run: the step is whole FSDP2's.
+                peak = whole_step_peak if wrap_name == "fsdp-blocks" else unbudgeted_peak
+                budget = int(0.9 * peak) if budgeted else None
                 settings = {"memory_budget": budget, "compiler": "eager"}
                 warnings.messages.clear()
                 if entry == "graphopt.compile":
@@ -137,12 +140,14 @@ def _gradient_cases(rank: int, store: str, out: str, width: int, blocks: int, ba
                 plans = graphopt.plans(compiled) if entry == "graphopt.compile" else []
                 if plans and not budgeted:
                     unbudgeted_peak = max(plan.predicted_peak_bytes for plan in plans)
+                    whole_step_peak = unbudgeted_peak if wrap_name == "fsdp" else whole_step_peak
                 results[case] = {
                     "difference": _difference(expected, actual),
                     "graphs": len(plans),
                     "budget": budget,
                     "predicted": [plan.predicted_peak_bytes for plan in plans],
                     "recomputed": sum(d.action == "recompute" for plan in plans for d in plan.decisions),
+                    "earlier runs": [plan.memory.get("its earlier runs", 0) for plan in plans],
                     "warned of rank memory": any("model_static_bytes" in m for m in warnings.messages),
                 }
     results["fsdp accumulation"] = _accumulation_case(base, x)
@@ -171,7 +176,7 @@ def _accumulation_case(base: nn.Module, x: torch.Tensor) -> dict:
 
 
 def _measured_cases(rank: int, store: str, out: str, width: int, blocks: int, batch: int, budget: int) -> None:
-    """DDP and whole-model FSDP2 under `budget` with Inductor: this rank's measured peak
+    """DDP, whole-model and per-block FSDP2 under `budget` with Inductor: this rank's measured peak
     (the allocator's, as ``tests/compiled_step.py`` measures it) plus what the rank held
     before the step, against the same step without graphopt."""
     _init(rank, store)
@@ -179,7 +184,7 @@ def _measured_cases(rank: int, store: str, out: str, width: int, blocks: int, ba
     base = Residual(width, blocks)
     x = torch.randn(batch, width, generator=torch.Generator().manual_seed(rank))
     results = {}
-    for wrap_name in ("ddp", "fsdp"):
+    for wrap_name in ("ddp", "fsdp", "fsdp-blocks"):
         torch._dynamo.reset()
         reference, model = WRAPS[wrap_name](copy.deepcopy(base)), WRAPS[wrap_name](copy.deepcopy(base))
         compiled = graphopt.compile(model, memory_budget=budget)
@@ -193,12 +198,12 @@ def _measured_cases(rank: int, store: str, out: str, width: int, blocks: int, ba
         before = _held_before_step(model) + x.numel() * x.element_size()
         (loss, gradients), peak = _measured_step(compiled, x, parameters)
         expected, reference_peak = _measured_step(reference, x, list(reference.parameters()))
-        (plan,) = graphopt.plans(compiled)
+        plans = graphopt.plans(compiled)
         results[wrap_name] = {
             "measured": peak + before,
             "without graphopt": reference_peak + before,
-            "predicted": plan.predicted_peak_bytes,
-            "recomputed": sum(d.action == "recompute" for d in plan.decisions),
+            "predicted": max(plan.predicted_peak_bytes for plan in plans),
+            "recomputed": sum(d.action == "recompute" for plan in plans for d in plan.decisions),
             "gradients match": all(torch.allclose(g, e, rtol=1e-4, atol=1e-5) for g, e in zip(gradients, expected[1]))
             and abs(loss - expected[0]) <= 1e-4 * abs(expected[0]),
         }
@@ -250,8 +255,7 @@ CASES = [
     for wrap in WRAPS
     for budget in ("no budget", "budget")
     for entry in ("graphopt.compile", "torch.compile")
-    if not (wrap == "fsdp-blocks" and budget == "budget")
-    and (wrap, entry, budget) != ("ddp", "torch.compile", "budget")
+    if (wrap, entry, budget) not in {("ddp", "torch.compile", "budget"), ("fsdp-blocks", "torch.compile", "budget")}
 ]
 
 
@@ -299,7 +303,7 @@ def measured_cases(tmp_path_factory) -> list[dict]:
     return _spawn(_measured_cases, tmp_path_factory.mktemp("measured"), *MEASURED_SHAPE, MEASURED_BUDGET)
 
 
-@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp", "fsdp-blocks"])
 def test_measured_peak_on_every_rank_within_the_budget(measured_cases, wrap):
     for rank, results in enumerate(measured_cases):
         result = results[wrap]
@@ -318,12 +322,19 @@ def test_ddp_split_by_torch_compile_is_refused_under_a_budget(gradient_cases):
         assert "graphopt.compile" in result["message"]
 
 
-@pytest.mark.parametrize("entry", ["graphopt.compile", "torch.compile"])
-def test_per_block_fsdp_under_a_budget_refuses_the_reused_block_graph(gradient_cases, entry):
-    """One graph runs once per block; its plan counts its saved tensors once, so graphopt
-    refuses the second run instead of exceeding the budget (docs/distributed.md)."""
+def test_per_block_fsdp_plans_the_block_graph_for_every_block(gradient_cases):
+    """The blocks share one graph, run once per block before the first backward: its
+    plan reserves what the earlier runs keep (docs/distributed.md)."""
     for results in gradient_cases:
-        assert results[f"fsdp-blocks {entry} budget"]["error"] == "RepeatedGraphError"
+        assert any(results["fsdp-blocks graphopt.compile budget"]["earlier runs"])
+
+
+def test_per_block_fsdp_through_torch_compile_refuses_the_reused_block_graph(gradient_cases):
+    """torch.compile(backend="graphopt") does not see the model, so it does not know the
+    block graph runs once per block: it refuses the second run instead of exceeding the
+    budget."""
+    for results in gradient_cases:
+        assert results["fsdp-blocks torch.compile budget"]["error"] == "RepeatedGraphError"
 
 
 def test_rank_memory_of_a_plain_model_is_its_parameters_and_buffers_each_storage_once():
