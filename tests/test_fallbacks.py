@@ -129,6 +129,7 @@ def _budgeted_plan(**options):
     compiled(*inputs).backward()
     (min_cut,) = graphopt.plans(compiled)
     torch._dynamo.reset()
+    model.zero_grad(set_to_none=True)  # a fresh step: a .grad left over would be planned as accumulated
     compiled = graphopt.compile(model, compiler="eager", hardware="cpu", memory_budget=int(min_cut.predicted_peak_bytes * 0.9), **options)
     compiled(*inputs).backward()
     (plan,) = graphopt.plans(compiled)

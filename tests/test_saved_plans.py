@@ -28,6 +28,7 @@ def _tiny(*, batch: int = 2, layers: int = 2, dtype: torch.dtype = torch.float32
 def _step(model, inputs, **options):
     """One training step compiled without code generation; the plan it made."""
     torch._dynamo.reset()
+    model.zero_grad(set_to_none=True)  # a fresh step: a .grad left over would be planned as accumulated
     compiled = graphopt.compile(model, compiler="eager", hardware="cpu", **options)
     compiled(*inputs).backward()
     (plan,) = graphopt.plans(compiled)
