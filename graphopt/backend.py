@@ -81,7 +81,9 @@ class GraphoptBackend:
         self._graphs += 1
         trainable = self._graph_trainable(graph_module, example_inputs)
         graph_parameters = self._graph_parameters(graph_module, example_inputs)
-        runs = self._graph_runs(example_inputs) if self._graph_runs is not None else 1
+        # Without a budget a plan is torch's min-cut whatever the runs, and no run is refused.
+        budgeted = self.session.options.memory_budget_bytes is not None
+        runs = self._graph_runs(example_inputs) if budgeted and self._graph_runs is not None else 1
         partition_fn = functools.partial(
             partition, self.session, graph_name, trainable=trainable, graph_parameters=graph_parameters, runs=runs
         )
