@@ -616,7 +616,7 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default: Solut
     budget = _usable(options)
     target, least, best = budget, default_peak, None
     fits, overshoots = None, None  # the highest target whose plan fit, the lowest whose did not
-    tried, floor_tried = {budget}, False
+    tried, floor_tried, floor = {budget}, False, None
     # The plan of least program peak so far; min-cut's, where the program can express it
     # (it may save what the program only recomputes, e.g. a BatchNorm's statistics).
     lowest, lowest_peak = None, None
@@ -630,7 +630,7 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default: Solut
             if floor_tried:
                 break  # lower targets all give that plan again
             floor_tried = True
-            solution = least_peak(problem, time_limit_s=clock.solve_limit_s(), start=lowest)
+            solution = floor = least_peak(problem, time_limit_s=clock.solve_limit_s(), start=lowest)
         if lowest_peak is None or solution.peak_bytes < lowest_peak:
             lowest, lowest_peak = solution.actions, solution.peak_bytes
         forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution, options)
@@ -658,23 +658,31 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default: Solut
         _progress(options, "simulated peak %s for a usable %s; replanning for %s", format_bytes(predicted_peak), format_bytes(budget), format_bytes(target))
     if best is not None:
         return best
-    return _sweep(joint, analysis, options, least, clock, lowest)
+    return _sweep(joint, analysis, options, least, clock, lowest, floor)
 
 
-def _sweep(joint, analysis: Analysis, options: Options, least_seen: int, clock: PlanningClock, start: Sequence[str] | None):
+def _sweep(
+    joint, analysis: Analysis, options: Options, least_seen: int, clock: PlanningClock,
+    start: Sequence[str] | None, floor: Solution | None,
+):
     """Last resort before giving up: plans for program budgets from the model's least
     peak up to the default's, each simulated. The first that fits is used; otherwise
     the least simulated peak is what the error reports, so that number is reachable.
-    Once `clock` has run out only the least-peak plan is judged."""
+    Once `clock` has run out only the least-peak plan is judged. `floor`, the
+    least-peak plan where the rounds already solved and simulated it, is not redone."""
     problem, budget = analysis.problem, _usable(options)
-    floor = least_peak(problem, time_limit_s=clock.solve_limit_s(), start=start)
+    judged = floor is not None
+    if floor is None:
+        floor = least_peak(problem, time_limit_s=clock.solve_limit_s(), start=start)
     best_solution, least = floor, least_seen
     for step in range(SWEEP_POINTS):
         if step and clock.expired:
             break
+        if step == 0 and judged:
+            continue  # over the budget, and counted in `least_seen`
         target = floor.peak_bytes + (least_seen - floor.peak_bytes) * step // SWEEP_POINTS
         program = dataclasses.replace(problem, budget_bytes=target)
-        solution = floor if step == 0 else solve(program, time_limit_s=clock.solve_limit_s())
+        solution = floor if step == 0 else solve(program, time_limit_s=clock.solve_limit_s(), start=floor.actions)
         if solution is None:
             continue
         forward, backward, predicted_peak = _split_and_simulate(joint, analysis, solution, options)

@@ -77,6 +77,8 @@ def solve(
     (actions, one per candidate) is a plan the solver begins from: where it fits, the
     answer is never worse than it, however soon the time limit stops the search.
     """
+    if problem.budget_bytes is not None and max(problem.base_bytes, default=0) > problem.budget_bytes:
+        return None  # what no decision changes is over the budget already
     started = time.perf_counter()
     if progress:
         progress(f"solving keep/recompute for {len(problem.candidates)} tensors (limit {time_limit_s:.0f} s)")
