@@ -497,24 +497,3 @@ def test_cpu_allocated_peak_sees_an_allocation():
     size = 1 << 20
     _, peak = torch_private.cpu_allocated_peak(lambda: torch.empty(size, dtype=torch.uint8).fill_(0))
     assert size <= peak < 2 * size, "torch's profiler no longer reports CPU [memory] events in kineto_results"
-
-
-def test_a_kept_relu_mask_is_computed_right_after_the_relu():
-    """The backward of relu(x) * 2 needs only relu's mask, which min-cut saves; the joint
-    graph traces the mask where the backward reads it. In the split forward it runs
-    right after the ReLU, not at the forward's end holding the ReLU's output."""
-    from graphopt.offline import options_for, with_traced_step
-
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
-    loss_fn = lambda output: (output * 2).relu().mul(3).sum()  # noqa: E731
-    options = options_for(model, hardware="cpu", compiler="eager")
-
-    def forward_graph(step):
-        _, forward, _ = step.plan_graphs(options)
-        return forward
-
-    forward = with_traced_step(model, (torch.randn(4, 8),), forward_graph, device=torch.device("cpu"), loss_fn=loss_fn)
-    masks = [node for node in forward.graph.nodes if node.target is torch.ops.aten.le.Scalar]
-    assert masks, "min-cut no longer saves a ReLU mask here"
-    for mask in masks:
-        assert mask.prev is mask.args[0], f"{mask.name} runs after {mask.prev.name}, not right after {mask.args[0].name}"
