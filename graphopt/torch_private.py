@@ -94,7 +94,6 @@ def prepare_joint_graph(
         if node.op == "call_function" and _computable_in_forward(node, forward_set, node_info):
             if node.target is operator.getitem or _narrows(node):
                 forward_set.add(node)
-    _run_after_inputs(joint, forward_set - required_forward)
     forward = tuple(n for n in joint.graph.nodes if n in forward_set)
     backward = tuple(
         n for n in joint.graph.nodes if n.op == "call_function" and n not in forward_set and _in_backward(n, node_info)
@@ -114,23 +113,6 @@ def prepare_joint_graph(
         backward_outputs=tuple(n for n in bwd_outputs if isinstance(n, fx.Node)),
         node_info=node_info,
     )
-
-
-def _run_after_inputs(joint: fx.GraphModule, optional: set[fx.Node]) -> None:
-    """Move each optional forward node right after the last node it reads.
-
-    The joint graph traces them in the backward (a ReLU's mask is computed from its
-    output where the backward needs it), so a kept one would run at the forward's end
-    and hold what it reads (the ReLU's output) through the whole forward. Right after
-    its input, that input can die where the forward is done with it, in the program's
-    timeline and in the split forward alike (the split keeps the joint graph's order)."""
-    for node in [n for n in joint.graph.nodes if n in optional]:
-        order = {n: i for i, n in enumerate(joint.graph.nodes)}
-        last_input = max(node.all_input_nodes, key=order.__getitem__, default=None)
-        if last_input is not None and last_input.next is not node:
-            last_input.append(node)
-    joint.graph.lint()
-    joint.recompile()
 
 
 def _as_autograd_runs(backward: tuple[fx.Node, ...], tangents_closure: Any) -> tuple[fx.Node, ...]:
