@@ -205,7 +205,11 @@ def test_one_trace_plans_every_budget_like_separate_calls():
         model, inputs, lambda step: [_comparable(step.plan(options_for(model, **o))) for o in options],
         device=planning_device(get_hardware("cpu")),
     )
-    assert shared == [_comparable(plan_model(model, inputs, memory_budget=b, hardware="cpu")) for b in budgets]
+    separate = [_comparable(plan_model(model, inputs, memory_budget=b, hardware="cpu")) for b in budgets]
+    # plan_model also weighs chunking the head + loss (none here, whose note a shared
+    # trace's plans do not carry); everything else must be the same plan.
+    assert all(chunking.chunks == 1 for plans in separate for plan in plans for chunking in plan.chunking)
+    assert shared == [[dataclasses.replace(plan, chunking=()) for plan in plans] for plans in separate]
 
 
 def test_offline_plan_equals_the_plan_graphopt_compile_makes():
