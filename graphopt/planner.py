@@ -263,8 +263,8 @@ def partition(
         raise session.replan_request(graph_name, analyses[-1], error) from None
     plan = dataclasses.replace(plan, pruning=pruning)
     plan = _with_optimizer_memory(plan, updates)
-    plan = _with_resident_gradients(plan, resident)
-    plan = _with_earlier_runs(plan, reserved)
+    plan = _shown_apart(plan, "accumulated gradients", resident)
+    plan = _shown_apart(plan, "its earlier runs", reserved)
     # What the forward hands on (saved tensors and outputs), alive while later graphs run:
     # the end of the forward's timeline the plan was judged by.
     forward_steps = forward.meta[_TIMELINES][0]
@@ -311,16 +311,6 @@ def _plan_for_runs(plan_with, runs: int, graph_name: str):
         f"fits beside what its earlier runs keep ({format_bytes(reserved)} asked for last); raise the budget, or "
         "shrink the batch"
     )
-
-
-def _with_earlier_runs(plan: Plan, reserved: int) -> Plan:
-    """The plan's static memory with what the graph's earlier runs in the step keep."""
-    if not reserved:
-        return plan
-    memory = dict(plan.memory)
-    memory["other graphs"] -= reserved
-    memory["its earlier runs"] = reserved
-    return dataclasses.replace(plan, memory=memory)
 
 
 def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis: Analysis):
@@ -540,14 +530,15 @@ def _with_optimizer_memory(plan: Plan, updates: GraphUpdates) -> Plan:
     return dataclasses.replace(plan, memory=memory)
 
 
-def _with_resident_gradients(plan: Plan, resident: int) -> Plan:
-    """The plan's static memory with accumulation: the gradients earlier micro-batches
-    left in ``.grad``, alive from the step's start, shown on their own."""
-    if not resident:
+def _shown_apart(plan: Plan, line: str, size: int) -> Plan:
+    """The plan's memory with `size` bytes of its "other graphs" line shown on a line of
+    their own: the gradients earlier micro-batches left in ``.grad`` ("accumulated
+    gradients"), what the graph's earlier runs in the step keep ("its earlier runs")."""
+    if not size:
         return plan
     memory = dict(plan.memory)
-    memory["other graphs"] -= resident
-    memory["accumulated gradients"] = resident
+    memory["other graphs"] -= size
+    memory[line] = size
     return dataclasses.replace(plan, memory=memory)
 
 
