@@ -600,7 +600,7 @@ def _solve_and_split(joint, analysis: Analysis, options: Options, default: Solut
     the interval between them bisects it. The fastest plan that fits wins.
     `default` is torch's min-cut plan and `default_peak` its simulated peak, the first
     point of reference. The rounds stop when `clock` runs out and a plan fits. Each
-    least-peak solve starts from the plan of least program peak seen so far, so a solve
+    least-peak solve is bounded by the plan of least program peak seen so far, so a solve
     the clock cuts short never answers with a higher floor than one already found.
     """
     problem = analysis.problem

@@ -74,15 +74,17 @@ def solve(
     """The fastest plan under the budget, or None when no plan fits.
 
     With ``problem.budget_bytes`` None, returns the plan of least peak instead. `start`
-    (actions, one per candidate) is a plan the solver begins from: where it fits, the
-    answer is never worse than it, however soon the time limit stops the search.
+    (actions, one per candidate) is a plan known already: where it fits, the answer is
+    never worse than it, however soon the time limit stops the search. The search does
+    not begin from it (HiGHS would then stop at another plan within its gap, and a
+    plan would depend on the order budgets were tried in), so it only bounds the answer.
     """
     if problem.budget_bytes is not None and max(problem.base_bytes, default=0) > problem.budget_bytes:
         return None  # what no decision changes is over the budget already
     started = time.perf_counter()
     if progress:
         progress(f"solving keep/recompute for {len(problem.candidates)} tensors (limit {time_limit_s:.0f} s)")
-    actions, status = _solve_milp(problem, time_limit_s, relative_gap, start)
+    actions, status = _solve_milp(problem, time_limit_s, relative_gap)
     found = [(actions, f"milp-{status}")] if actions is not None else []
     if start is not None:  # the search may have stopped before it reached its start
         found.append((list(start), "milp-start"))
@@ -94,9 +96,11 @@ def solve(
         if fallback is None:
             return None
         fitting = [evaluate(problem, fallback.actions, "greedy", time.perf_counter() - started)]
+    # The search's own answer first: on a tie it wins, having weighed what the objective
+    # weighs beyond peak or time (the least-peak program keeps the fewest bytes).
     if problem.budget_bytes is None:
-        return min(fitting, key=lambda solution: (solution.peak_bytes, solution.added_ms))
-    return min(fitting, key=lambda solution: (solution.added_ms, solution.peak_bytes))
+        return min(fitting, key=lambda solution: solution.peak_bytes)
+    return min(fitting, key=lambda solution: solution.added_ms)
 
 
 def least_peak(problem: Problem, *, time_limit_s: float = 30.0, start: Sequence[str] | None = None) -> Solution:
@@ -110,11 +114,11 @@ def least_peak(problem: Problem, *, time_limit_s: float = 30.0, start: Sequence[
 # ----------------------------------------------------------------------------- MILP
 
 
-def _solver(time_limit_s: float, relative_gap: float, warm_start: bool) -> pulp.LpSolver:
+def _solver(time_limit_s: float, relative_gap: float) -> pulp.LpSolver:
     highs = _QuietHiGHS(time_limit_s, relative_gap)
     if highs.available():
         return highs
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=relative_gap, warmStart=warm_start)
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=relative_gap)
 
 
 class _QuietHiGHS(pulp.HiGHS):
@@ -142,26 +146,10 @@ class _QuietHiGHS(pulp.HiGHS):
         lp.solverModel.setOptionValue("mip_rel_gap", self.gapRel)
         lp.solverModel.setOptionValue("time_limit", float(self.timeLimit))
 
-    def callSolver(self, lp: pulp.LpProblem) -> None:  # noqa: N802 - pulp's name
-        """Run, starting from the variables given initial values (``setInitialValue``):
-        a partial solution, which HiGHS completes by solving for the other variables."""
-        import numpy
 
-        started = [variable for variable in lp.variables() if variable.varValue is not None]
-        if started:
-            indices = numpy.array([variable.index for variable in started], dtype=numpy.int32)
-            values = numpy.array([variable.varValue for variable in started], dtype=numpy.float64)
-            lp.solverModel.setSolution(len(started), indices, values)
-        super().callSolver(lp)
-
-
-def _solve_milp(
-    problem: Problem, time_limit_s: float, relative_gap: float, start: Sequence[str] | None = None
-) -> tuple[list[str] | None, str]:
+def _solve_milp(problem: Problem, time_limit_s: float, relative_gap: float) -> tuple[list[str] | None, str]:
     program = pulp.LpProblem("graphopt_keep_recompute", pulp.LpMinimize)
     keep, recompute, alternatives = _decision_variables(program, problem)
-    if start is not None:
-        _set_start(problem, start, keep, recompute, alternatives)
     peak = _variable(program, "peak_mb", lowBound=0) if problem.budget_bytes is None else None
 
     available = [keep[i] + recompute[i] + pulp.lpSum(alternatives[i]) for i in range(len(problem.candidates))]
@@ -198,7 +186,7 @@ def _solve_milp(
         kept_mb = pulp.lpSum(c.size_bytes / MB * keep[i] for i, c in enumerate(problem.candidates))
         program += peak + LEAST_PEAK_KEPT_WEIGHT * kept_mb
 
-    program.solve(_solver(time_limit_s, relative_gap, warm_start=start is not None))
+    program.solve(_solver(time_limit_s, relative_gap))
     status = pulp.LpStatus[program.status]
     found = program.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
     if not found or not _has_incumbent(keep + recompute + [v for row in alternatives for v in row]):
@@ -234,16 +222,6 @@ def _decision_variables(program: pulp.LpProblem, problem: Problem) -> tuple[list
             [_variable(program, f"alternative_{index}_{k}", cat="Binary") for k in range(len(candidate.alternatives))]
         )
     return keep, recompute, alternatives
-
-
-def _set_start(problem: Problem, start: Sequence[str], keep: list, recompute: list, alternatives: list[list]) -> None:
-    """Give the decision binaries the values of the plan `start`."""
-    for index, (candidate, action) in enumerate(zip(problem.candidates, start)):
-        options = [(keep[index], KEEP), (recompute[index], RECOMPUTE)]
-        options += [(variable, alternative.action) for variable, alternative in zip(alternatives[index], candidate.alternatives)]
-        for variable, chosen in options:
-            if isinstance(variable, pulp.LpVariable):
-                variable.setInitialValue(1 if chosen == action else 0)
 
 
 def _held(program: pulp.LpProblem, problem: Problem, keep: list) -> list:
