@@ -445,8 +445,14 @@ _XFAIL = {
 }
 
 
+# T5's outcome depends on how far its 30 s planning clock gets on a loaded machine: since
+# solves are bounded by the best plan found, some runs meet the budget (2026-12-02, full
+# suite: one pass, one fail). It stays marked until it passes every run.
+_SOMETIMES_PASSES = {"t5"}
+
+
 def _known_bug(name: str):
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=_XFAIL[name])
+    return pytest.mark.xfail(strict=name not in _SOMETIMES_PASSES, raises=AssertionError, reason=_XFAIL[name])
 
 
 @pytest.mark.inductor
