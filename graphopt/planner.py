@@ -43,6 +43,12 @@ log = logging.getLogger("graphopt")
 
 # How often the budget is tightened after simulating the split graphs.
 MAX_REPAIR_ROUNDS = 6
+# compiler="eager" runs the graphs op by op; plans are made for Inductor's kernels.
+EAGER_MEMORY = (
+    "compiler='eager' runs the graphs op by op, and the memory plan is Inductor's: a pointwise value the plan "
+    "computes inside a kernel that reads it is stored instead, so the measured peak may exceed the predicted "
+    "one; compile with compiler='inductor' for a budget that holds"
+)
 # Plans made for a graph that runs several times per step before its reserve for its
 # earlier runs covers what they keep (`_plan_for_runs`).
 MAX_RUN_ROUNDS = 6
@@ -330,6 +336,8 @@ def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis
               "the given plan" if given is not None else "torch's min-cut", format_bytes(predicted_peak),
               format_bytes(_usable(options)) if options.memory_budget_bytes is not None else "none")
     assumptions = cost_assumptions(analysis.candidate_nodes, session.node_cost())
+    if options.compiler == "eager" and options.memory_budget_bytes is not None:
+        assumptions.append(EAGER_MEMORY)
     if given is not None:
         assumptions += _check_given_budget(analysis, options, predicted_peak, graph_name)
     roofline = analysis  # its prices, before min-cut's recomputations count as free
