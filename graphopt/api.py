@@ -10,10 +10,11 @@ import torch
 
 from .backend import GraphoptBackend
 from .config import Options, make_options
-from .distributed import graph_runs, is_ddp, local_bytes, rank_memory
+from .distributed import is_ddp, local_bytes, rank_memory
 from . import torch_private
 from .errors import GraphoptError, ReplanEarlierGraphs, ShapeAbovePlanError
 from .plan import Plan
+from .repeats import graph_runs
 from .trainable import select_parameters
 
 _SESSION_ATTRIBUTE = "_graphopt_backend"

@@ -156,6 +156,7 @@ def _once_per_backward(
     def awaiting_backward(outputs: list[torch.Tensor]) -> None:
         nonlocal pending
         pending += 1
+        session.pending[graph_name] = pending
         state = {"open": True, "alive": len(outputs)}
 
         def done() -> None:
@@ -163,6 +164,7 @@ def _once_per_backward(
             if state["open"]:
                 state["open"] = False
                 pending -= 1
+                session.pending[graph_name] = pending
 
         def freed() -> None:
             state["alive"] -= 1

@@ -126,9 +126,14 @@ class Session:
     room_after: dict[str, int] = dataclasses.field(default_factory=dict)
     # Graph name -> the Dynamo frame it was compiled for. A recompilation of a frame (a
     # new shape, a failed guard) gives a graph that runs instead of the earlier one, not
-    # beside it: `record` drops the earlier one's bytes, and a graph never counts a
-    # version of its own frame as another graph.
+    # beside it -- unless a run of the earlier one still waits for its backward (a guard
+    # that failed within the step: a block graph compiled again once its input requires
+    # grad, the earlier version having run for the first block). `record` drops the
+    # earlier one's bytes, and a graph counts a version of its own frame as another graph
+    # only while that version has a `pending` run.
     frames: dict[str, object] = dataclasses.field(default_factory=dict)
+    # Graph name -> its forward runs whose backward has not come (backend._once_per_backward).
+    pending: dict[str, int] = dataclasses.field(default_factory=dict)
     gradient_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # its parameters' gradients
     # Budgeted forwards run so far: graphopt.compile plans a call again (a size above a
     # symbolic graph's plan) only while none of that call has run.
@@ -150,7 +155,11 @@ class Session:
     def other_graphs(self, graph: str, frame: object = None) -> list[str]:
         """The graphs recorded so far that run beside `graph`: not itself, nor an
         earlier version of its frame (which it replaces)."""
-        return [name for name in self.saved_bytes if name != graph and (frame is None or self.frames.get(name) != frame)]
+        return [
+            name
+            for name in self.saved_bytes
+            if name != graph and (frame is None or self.frames.get(name) != frame or self.pending.get(name, 0) > 0)
+        ]
 
     def other_graphs_bytes(self, graph: str, parameter_bytes: int, frame: object = None) -> int:
         earlier = sum(self.saved_bytes[name] for name in self.other_graphs(graph, frame))
@@ -167,14 +176,17 @@ class Session:
             return self.options.model_gradient_bytes
         return gradient_bytes + sum(self.gradient_bytes.get(name, 0) for name in self.other_graphs(graph, frame))
 
-    def replan_request(self, graph: str, analysis: Analysis, error: BudgetInfeasibleError) -> GraphoptError:
+    def replan_request(
+        self, graph: str, analysis: Analysis, error: BudgetInfeasibleError, reserved: int = 0
+    ) -> GraphoptError:
         """What to raise when `graph` fits no plan: a request to replan the earlier
         graphs with room for it, or `error` itself when that cannot help (no earlier
-        graph keeps anything, or they already leave that room)."""
+        graph keeps anything, or they already leave that room). `analysis` was made
+        with `reserved` bytes for the graph's own earlier runs, which it needs too."""
         earlier = [name for name in self.other_graphs(graph, self.frames.get(graph)) if self.saved_bytes[name] > 0]
         least = error.least_peak_bytes
         # What this graph needs beyond every parameter and what earlier graphs keep.
-        need = least - analysis.extra_static_bytes - analysis.parameter_bytes
+        need = least - (analysis.extra_static_bytes - reserved) - analysis.parameter_bytes
         room = dict(self.room_after)
         for name in earlier:
             room[name] = max(room.get(name, 0), need)
@@ -200,7 +212,12 @@ class Session:
         counts (Dynamo replaced it, or runs it only for other shapes); its plan stays
         in `plans`, as it still runs at the shapes it was compiled for."""
         if frame is not None:
-            for name in [name for name, owner in self.frames.items() if owner == frame and name != plan.graph]:
+            replaced = [
+                name
+                for name, owner in self.frames.items()
+                if owner == frame and name != plan.graph and not self.pending.get(name, 0)
+            ]
+            for name in replaced:
                 for counts in (self.saved_bytes, self.gradient_bytes, self.frames):
                     counts.pop(name, None)
             self.frames[plan.graph] = frame
@@ -264,9 +281,9 @@ def partition(
         return _plan_graph(session, graph_name, joint, joint_inputs, analyses[-1])
 
     try:
-        reserved, (plan, forward, backward) = _plan_for_runs(plan_with, runs, graph_name)
-    except BudgetInfeasibleError as error:  # even without a reserve for earlier runs
-        raise session.replan_request(graph_name, analyses[-1], error) from None
+        reserved, (plan, forward, backward) = _plan_for_runs(plan_with, runs)
+    except _RunsDoNotFit as failure:
+        raise session.replan_request(graph_name, analyses[-1], failure.error, failure.reserved) from None
     plan = dataclasses.replace(plan, pruning=pruning)
     plan = _with_optimizer_memory(plan, updates)
     plan = _shown_apart(plan, "accumulated gradients", resident)
@@ -286,25 +303,40 @@ def partition(
     return forward, backward
 
 
-def _plan_for_runs(plan_with, runs: int, graph_name: str):
+class _RunsDoNotFit(Exception):
+    """No plan of a graph fits beside `reserved` bytes for its earlier runs (0: beside
+    nothing of them); `error` says how close the last try came."""
+
+    def __init__(self, error: BudgetInfeasibleError, reserved: int):
+        super().__init__(str(error))
+        self.error, self.reserved = error, reserved
+
+
+def _plan_for_runs(plan_with, runs: int):
     """The plan of a graph that runs `runs` times before its first backward (a block
-    compiled once and called once per block, as under per-block FSDP2), and the bytes it
-    reserves for its earlier runs: (runs - 1) times what its forward hands on (its saved
-    tensors), alive while the last run and the first backwards run. That depends on the
-    plan, so plans are made until one fits beside the reserve it was made with: from no
-    reserve, then each plan's need; a reserve no plan fits beside is halved towards the
-    last one that was too small. `plan_with(reserved)` plans with `reserved` more static
-    memory and returns (plan, forward, backward); `BudgetInfeasibleError` when the graph
-    fits no plan even without a reserve."""
+    compiled once and called once per block: a graph break in the loop over blocks, or
+    per-block FSDP2), and the bytes it reserves for its earlier runs: (runs - 1) times
+    what its forward hands on (its saved tensors and outputs), alive while the last run
+    and the first backwards run. That depends on the plan, so plans are made until one
+    fits beside the reserve it was made with: from no reserve, then each plan's need; a
+    reserve no plan fits beside is halved towards the last one that was too small.
+    `plan_with(reserved)` plans with `reserved` more static memory and returns (plan,
+    forward, backward); `_RunsDoNotFit` when no plan is found to fit beside its reserve.
+    """
     if runs <= 1:
-        return 0, plan_with(0)
+        try:
+            return 0, plan_with(0)
+        except BudgetInfeasibleError as error:
+            raise _RunsDoNotFit(error, 0) from None
     reserved, too_small = 0, 0
+    error: BudgetInfeasibleError | None = None
     for _ in range(MAX_RUN_ROUNDS):
         try:
             result = plan_with(reserved)
-        except BudgetInfeasibleError:
+        except BudgetInfeasibleError as failed:
+            error = failed
             if reserved <= too_small:
-                raise
+                break
             reserved = (reserved + too_small) // 2
             continue
         forward_steps = result[1].meta[_TIMELINES][0]
@@ -312,11 +344,13 @@ def _plan_for_runs(plan_with, runs: int, graph_name: str):
         if need <= reserved:
             return reserved, result
         too_small, reserved = reserved, need
-    raise GraphoptError(
-        f"{graph_name} runs {runs} times before its first backward (one graph for {runs} blocks), and no plan found "
-        f"fits beside what its earlier runs keep ({format_bytes(reserved)} asked for last); raise the budget, or "
-        "shrink the batch"
-    )
+    if error is None:  # every round found a plan, each needing a larger reserve
+        raise GraphoptError(
+            f"a graph runs {runs} times before its first backward (one graph for {runs} blocks), and no plan found "
+            f"fits beside what its earlier runs keep ({format_bytes(reserved)} asked for last); raise the budget, "
+            "or shrink the batch"
+        )
+    raise _RunsDoNotFit(error, reserved)
 
 
 def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis: Analysis):
