@@ -20,6 +20,7 @@ from .cost_models.memory import concrete_size
 from .errors import GraphoptError, RepeatedGraphError, ShapeAbovePlanError
 from .passes.optimizer_in_backward import GraphParameters
 from .planner import GivenPlan, Session, partition
+from .repeats import RunCounter
 from .trainable import FrozenRowsGuard, GraphTrainable, graph_trainable
 
 log = logging.getLogger("graphopt")
@@ -41,14 +42,14 @@ class GraphoptBackend:
         parameters: dict[str, torch.nn.Parameter] | None = None,
         selection: dict[str, float] | None = None,
         room_after: dict[str, int] | None = None,
-        graph_runs: Callable[[Sequence[Any]], int] | None = None,
+        graph_runs: RunCounter | None = None,
     ):
         """`parameters` (the model's, by name) and `selection` (name -> fraction that
         trains, checked against the whole model) come from ``graphopt.compile``; without
         them parameter names are read from Dynamo's sources, graph by graph.
         `room_after` is what graphs must leave free for later ones (``Session``).
-        `graph_runs(example_inputs)` says how many times per step a graph may run before
-        its first backward (``distributed.graph_runs``; 1 without it)."""
+        `graph_runs(graph_module, example_inputs)` says how many times per step a graph
+        may run before its first backward (``repeats.graph_runs``; 1 without it)."""
         given = {graph: GivenPlan(dict(decisions), by_min_cut) for graph, by_min_cut, decisions in options.given}
         self.session = Session(options, given=given, room_after=dict(room_after or {}))
         self._graphs = 0
@@ -60,13 +61,16 @@ class GraphoptBackend:
 
     def replanned(self, room_after: dict[str, int]) -> GraphoptBackend:
         """A fresh backend (Dynamo compiles again for it) whose graphs leave `room_after`."""
-        return GraphoptBackend(self.session.options, self._parameters, self._selection, room_after, self._graph_runs)
+        return GraphoptBackend(self.session.options, self._parameters, self._selection, room_after, self._fresh_runs())
 
     def with_resident_gradients(self) -> GraphoptBackend:
         """A fresh backend whose plans count the parameters' gradients as alive from the
         step's start (gradient accumulation)."""
         options = dataclasses.replace(self.session.options, resident_gradients=True)
-        return GraphoptBackend(options, self._parameters, self._selection, self.session.room_after, self._graph_runs)
+        return GraphoptBackend(options, self._parameters, self._selection, self.session.room_after, self._fresh_runs())
+
+    def _fresh_runs(self) -> RunCounter | None:
+        return self._graph_runs.fresh() if self._graph_runs is not None else None
 
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if self.session.options.memory_budget_bytes is not None and torch_private.compiling_ddp_bucket_graph():
@@ -83,7 +87,7 @@ class GraphoptBackend:
         graph_parameters = self._graph_parameters(graph_module, example_inputs)
         # Without a budget a plan is torch's min-cut whatever the runs, and no run is refused.
         budgeted = self.session.options.memory_budget_bytes is not None
-        runs = self._graph_runs(example_inputs) if budgeted and self._graph_runs is not None else 1
+        runs = self._graph_runs(graph_module, example_inputs) if budgeted and self._graph_runs is not None else 1
         partition_fn = functools.partial(
             partition, self.session, graph_name, trainable=trainable, graph_parameters=graph_parameters, runs=runs
         )
@@ -191,14 +195,14 @@ def _once_per_backward(
             saved = session.saved_bytes.get(graph_name, 0)
             raise RepeatedGraphError(
                 f"{graph_name} ran its forward again before the backward of its previous run, so the "
-                f"{format_bytes(saved)} it keeps for the backward would be held twice; its plan counts them once "
-                "(graphopt plans each graph as running once per step). This happens when a compiled block is "
-                "called in a Python loop with a graph break inside it, or when several forwards run before one "
-                "backward. Under a memory budget graphopt cannot yet plan a graph that runs several times per "
-                "step: remove the graph break (an explicit graph_break(), a print, an unsupported call) so the "
-                "loop compiles into one graph, or call backward after each forward. Under FSDP2, fully_shard "
-                "applied per block does this: the block compiles to one graph that runs once per block; "
-                "graphopt.compile plans it for every block (docs/distributed.md)."
+                f"{format_bytes(saved)} it keeps for the backward would be held once more than its plan counts "
+                f"(planned for {runs} run(s) before the first backward). graphopt.compile counts a block graph's "
+                "runs from the modules of its class (a graph break inside the loop over blocks, per-block FSDP2); "
+                "this graph's runs could not be counted that way: a function without parameters called in a loop "
+                "with a graph break inside it, several forwards before one backward, or torch.compile("
+                "backend='graphopt'), which does not see the model. Remove the graph break (an explicit "
+                "graph_break(), a print, an unsupported call) so the loop compiles into one graph, call backward "
+                "after each forward, or use graphopt.compile (docs/design.md, 'Graph breaks')."
             )
         if recording:
             session.forward_runs += 1

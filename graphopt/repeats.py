@@ -13,9 +13,9 @@ counted from the model, when the graph is compiled:
   shapes and dtypes (its *peers*), less the peers whose parameters an earlier graph of
   the step took as inputs (those run in that graph, not this one);
 - a graph whose owner is the model itself, or with no parameter input, runs once, and
-  so does a graph fed an activation that needs no gradient (the first block of a
-  stack, fed the batch: the next blocks' inputs need one, and Dynamo compiles another
-  graph for them).
+  so does a graph fed an activation that needs no gradient where its output needs one
+  (the first block of a stack, fed the batch: the next blocks' inputs need one, and
+  Dynamo compiles another graph for them).
 
 The count is an upper bound where a peer is called elsewhere than through this graph:
 a plan that reserves for a run that never comes only holds back memory. A graph that
@@ -27,21 +27,47 @@ never planned as if it ran once. Under FSDP2 the units decide (``distributed.gra
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
+import torch.fx as fx
 
+from .cost_models.memory import concrete_size
 from .distributed import fsdp_units
 from .distributed import graph_runs as fsdp_graph_runs
 
 
-def graph_runs(model: object) -> Callable[[Sequence[object]], int] | None:
-    """`runs(example_inputs)` for the graphs Dynamo compiles for `model`, or None when
-    every graph runs once (a model that is not a module)."""
+class RunCounter(Protocol):
+    """How many times per step a graph runs before its first backward."""
+
+    def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[object]) -> int: ...
+
+    def fresh(self) -> RunCounter:
+        """A counter for graphs compiled again from scratch (a replanned step)."""
+        ...
+
+
+def graph_runs(model: object) -> RunCounter | None:
+    """The run counter for the graphs Dynamo compiles for `model`, or None when every
+    graph runs once (a model that is not a module)."""
     if not isinstance(model, torch.nn.Module):
         return None
     if fsdp_units(model):
-        return fsdp_graph_runs(model)
+        return _ByInputs(fsdp_graph_runs(model))
     return _ModuleRuns(model)
+
+
+class _ByInputs:
+    """A stateless count from the example inputs alone (per-block FSDP2's units)."""
+
+    def __init__(self, runs: Callable[[Sequence[object]], int]):
+        self._runs = runs
+
+    def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[object]) -> int:
+        return self._runs(example_inputs)
+
+    def fresh(self) -> _ByInputs:
+        return self
 
 
 class _ModuleRuns:
@@ -52,7 +78,10 @@ class _ModuleRuns:
         self._model = model
         self._taken: set[int] = set()  # ids of parameters earlier graphs took as inputs
 
-    def __call__(self, example_inputs: Sequence[object]) -> int:
+    def fresh(self) -> _ModuleRuns:
+        return _ModuleRuns(self._model)
+
+    def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[object]) -> int:
         inputs = {id(value) for value in example_inputs if isinstance(value, torch.nn.Parameter)}
         if not inputs:
             return 1
@@ -63,7 +92,7 @@ class _ModuleRuns:
         paths = [owners[i].split(".") if owners[i] else [] for i in inputs if i in owners]
         owner_path = _common_prefix(paths) if len(paths) == len(inputs) else []
         taken, self._taken = self._taken, self._taken | inputs
-        if not owner_path or _first_of_a_chain(example_inputs):
+        if not owner_path or _first_of_a_chain(graph_module, example_inputs):
             return 1
         owner = self._model.get_submodule(".".join(owner_path))
         signature = _signature(owner)
@@ -75,19 +104,38 @@ class _ModuleRuns:
         return max(sum(1 for peer in peers if peer is owner or not _took_any(peer, taken)), 1)
 
 
-def _first_of_a_chain(example_inputs: Sequence[object]) -> bool:
-    """Whether a graph with trained parameters takes an activation that needs no
-    gradient: the first block of a stack, fed the batch itself. Each later block takes
-    the previous one's output, which needs a gradient, and Dynamo compiles another graph
-    for it (its guards check ``requires_grad``), so this graph runs once per step."""
-    trained = any(isinstance(v, torch.nn.Parameter) and v.requires_grad for v in example_inputs)
-    return trained and any(
+def _first_of_a_chain(graph_module: fx.GraphModule, example_inputs: Sequence[object]) -> bool:
+    """Whether a graph with trained parameters is the first block of a chain fed an
+    activation that needs no gradient (the batch itself): an input that needs none, of
+    the shape of an output that needs one. The next block takes that output, and Dynamo
+    compiles another graph for it (its guards check ``requires_grad``), so this graph runs
+    once per step. Inputs every block shares (rotary tables, masks) keep their shapes
+    apart from the blocks' outputs."""
+    if not any(isinstance(v, torch.nn.Parameter) and v.requires_grad for v in example_inputs):
+        return False
+    handed_on = {_shape(value) for value in _output_values(graph_module) if value.requires_grad}
+    return any(
         isinstance(value, torch.Tensor)
         and not isinstance(value, torch.nn.Parameter)
         and value.is_floating_point()
         and not value.requires_grad
+        and _shape(value) in handed_on
         for value in example_inputs
     )
+
+
+def _output_values(graph_module: fx.GraphModule) -> list[torch.Tensor]:
+    (output,) = graph_module.graph.find_nodes(op="output")
+    values = []
+    for node in output.all_input_nodes:
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor):
+            values.append(value)
+    return values
+
+
+def _shape(tensor: torch.Tensor) -> tuple:
+    return tuple(concrete_size(size) for size in tensor.shape)
 
 
 def _common_prefix(paths: list[list[str]]) -> list[str]:
