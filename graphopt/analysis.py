@@ -55,6 +55,7 @@ class Analysis:
     # What later graphs (after a graph break) need while this one's saved tensors wait
     # for its backward: held at the end of the forward (``Session.room_after``).
     room_after_forward: int = 0
+    later_gradients: int = 0
 
 
 def analyze(
@@ -67,11 +68,13 @@ def analyze(
     alternatives: AlternativeSettings = AlternativeSettings(),
     error_weight_ms: float = 0.0,
     room_after_forward: int = 0,
+    later_gradients: int = 0,
 ) -> Analysis:
     """`node_cost` prices an op (default: the hardware's roofline estimate);
     `alternatives` says which offload / quantize choices the program may make;
     `room_after_forward` is memory later graphs use between this graph's forward and
-    its backward (counted at the forward's last step)."""
+    its backward (counted at the forward's last step); `later_gradients` is memory
+    later graphs' gradients hold through this graph's backward."""
     node_cost = node_cost or functools.partial(estimate_node_cost, hardware=hardware)
     timeline = joint.forward_nodes + joint.backward_nodes
     position = {node: step for step, node in enumerate(timeline)}
@@ -110,6 +113,7 @@ def analyze(
     if room_after_forward:
         base[num_forward - 1] += room_after_forward
         base[num_forward] -= room_after_forward
+    base[num_forward] += later_gradients
     base_bytes, running = [], static_bytes + extra_static_bytes
     for change in base[:-1]:
         running += change
@@ -143,6 +147,7 @@ def analyze(
         joint.primals,
         host_is_device=hardware.device_type == "cpu",
         room_after_forward=room_after_forward,
+        later_gradients=later_gradients,
     )
 
 

@@ -10,7 +10,7 @@ import torch
 
 from .backend import GraphoptBackend
 from .config import Options, make_options
-from .distributed import is_ddp, local_bytes, rank_memory
+from .distributed import fsdp_units, is_ddp, local_bytes, rank_memory
 from . import torch_private
 from .errors import GraphoptError, ReplanEarlierGraphs, ShapeAbovePlanError
 from .plan import Plan
@@ -119,7 +119,11 @@ def compile(  # noqa: A001 - mirrors torch.compile
         verbose=verbose,
         model_static_bytes=_static_bytes(model),
     )
-    options = dataclasses.replace(options, model_gradient_bytes=_gradient_bytes(model, options))
+    options = dataclasses.replace(
+        options,
+        model_gradient_bytes=_gradient_bytes(model, options),
+        count_later_gradients=isinstance(model, torch.nn.Module) and not fsdp_units(model),
+    )
     backend = _backend(options, model)
     compiled = torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     object.__setattr__(compiled, _SESSION_ATTRIBUTE, backend)
@@ -149,14 +153,36 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
     to be planned again (``ReplanEarlierGraphs``), with a fresh backend leaving the room
     it asked for. The failed call ran only forwards, whose saved tensors are dropped
     with the exception; Dynamo compiles every graph again for the new backend.
+
+    Under a budget a frame Dynamo will not compile again (its recompile limit, which
+    every replan's compile counts against) raises instead of running outside every plan
+    (`torch_private.only_compiled_frames`).
     """
     forward = torch_private.compiled_forward(compiled)
     trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    replans = 0
 
     def replan(backend: GraphoptBackend) -> None:
-        nonlocal forward
+        nonlocal forward, replans
         forward = torch_private.compiled_forward(torch.compile(model, backend=backend, **compile_kwargs))
         object.__setattr__(compiled, _SESSION_ATTRIBUTE, backend)
+        replans += 1
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if getattr(compiled, _SESSION_ATTRIBUTE).session.options.memory_budget_bytes is None:
+            return forward(*args, **kwargs)
+        try:
+            with torch_private.only_compiled_frames(replans):
+                return forward(*args, **kwargs)
+        except Exception as error:
+            if not torch_private.recompile_limit_hit(error):
+                raise
+            raise GraphoptError(
+                f"Dynamo reached its recompile limit ({torch_private.recompile_limit()} per frame, times "
+                f"{replans + 1} for graphopt's {replans} replan(s) of this model) on a frame of this step, and would "
+                "run it uncompiled, outside every plan, where the budget does not hold. Frames recompile for each "
+                "new shape and failed guard; raise torch._dynamo.config.recompile_limit, or make the shapes static."
+            ) from error
 
     def replanning_forward(*args: Any, **kwargs: Any) -> Any:
         backend = getattr(compiled, _SESSION_ATTRIBUTE)
@@ -169,7 +195,7 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
             session = getattr(compiled, _SESSION_ATTRIBUTE).session
             forward_runs = session.forward_runs
             try:
-                return forward(*args, **kwargs)
+                return call(*args, **kwargs)
             except ReplanEarlierGraphs as request:
                 log.info("%s; planning every graph again", request)
                 replan(getattr(compiled, _SESSION_ATTRIBUTE).replanned(request.room_after))
@@ -178,7 +204,7 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
                     raise
                 log.info("%s; planning every graph again at this call's sizes", error)
                 replan(getattr(compiled, _SESSION_ATTRIBUTE).replanned(session.room_after))
-        return forward(*args, **kwargs)
+        return call(*args, **kwargs)
 
     torch_private.set_compiled_forward(compiled, replanning_forward)
 

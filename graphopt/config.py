@@ -41,6 +41,11 @@ class Options:
     # > 1, or a .grad found at a step's start (graphopt.compile then plans again with it).
     resident_gradients: bool = False
     model_gradient_bytes: int = 0  # gradients of the whole model's trainable parameters, when known
+    # Count, during each graph's backward, the gradients graphs planned after it leave in
+    # .grad (their backwards come first): the model's trainable gradients less this
+    # graph's and the earlier graphs'. graphopt.compile sets it where it knows the model
+    # and no other line counts them (not under FSDP2, whose gradient shards are static).
+    count_later_gradients: bool = False
     # Share of the budget a plan's predicted peak must leave free. With Inductor the
     # prediction replays the wrapper code Inductor generates for the plan's graphs
     # (cost_models/wrapper_memory.py) with the scratch its extern kernels take for
@@ -83,6 +88,7 @@ class Options:
                 self.accumulation_steps,
                 self.resident_gradients,
                 self.model_gradient_bytes,
+                self.count_later_gradients,
                 self.prediction_headroom,
                 self.prediction,
                 self.cost_model,

@@ -176,6 +176,20 @@ class Session:
             return self.options.model_gradient_bytes
         return gradient_bytes + sum(self.gradient_bytes.get(name, 0) for name in self.other_graphs(graph, frame))
 
+    def later_gradient_bytes(self, graph: str, gradient_bytes: int, frame: object = None) -> int:
+        """The gradients graphs after `graph` in the step leave in ``.grad`` before its
+        backward runs (their backwards come first): the model's trainable gradients less
+        `graph`'s own (`gradient_bytes`, every run's) and those of the graphs recorded
+        so far. Graphs not yet seen are counted as later ones: a first graph counts
+        every other gradient, which it does hold through its backward, the step's last.
+        0 where ``count_later_gradients`` is off, or with accumulation (every gradient
+        is counted from the step's start)."""
+        options = self.options
+        if not options.count_later_gradients or options.resident_gradients or not options.model_gradient_bytes:
+            return 0
+        earlier = sum(self.gradient_bytes.get(name, 0) for name in self.other_graphs(graph, frame))
+        return max(options.model_gradient_bytes - gradient_bytes - earlier, 0)
+
     def replan_request(
         self, graph: str, analysis: Analysis, error: BudgetInfeasibleError, reserved: int = 0
     ) -> GraphoptError:
@@ -265,6 +279,8 @@ def partition(
     joint = apply_optimizer_in_backward(joint, updates)
     resident = session.resident_gradient_bytes(graph_name, gradients, frame)
     extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint), frame) + updates.optimizer_state_bytes + resident
+    # With optimizer= the updates consume gradients in the backward: none is left in .grad.
+    later = session.later_gradient_bytes(graph_name, runs * gradients, frame) if session.optimizer is None else 0
     analyses = []
 
     def plan_with(reserved: int):
@@ -277,6 +293,7 @@ def partition(
             alternatives=alternative_settings(options),
             error_weight_ms=options.lossy_error_weight_ms,
             room_after_forward=session.room_after.get(graph_name, 0),
+            later_gradients=later,
         ))
         return _plan_graph(session, graph_name, joint, joint_inputs, analyses[-1])
 
@@ -291,7 +308,7 @@ def partition(
     # What the forward hands on (saved tensors and outputs), alive while later graphs run:
     # the end of the forward's timeline the plan was judged by.
     forward_steps = forward.meta[_TIMELINES][0]
-    session.record(plan, runs * (forward_steps[-1] if forward_steps else 0), gradients, frame)
+    session.record(plan, runs * (forward_steps[-1] if forward_steps else 0), runs * gradients, frame)
     if options.memory_budget_bytes is not None and not _predicted_from_code(forward):
         # The plan was judged in this order, which graphopt's simulation of the FX
         # graphs assumes; Inductor's own peak-memory reordering would move the peak
@@ -788,7 +805,7 @@ def _simulated_timeline(joint, analysis: Analysis, forward: fx.GraphModule, back
     forward_steps = list(forward_steps)
     if analysis.room_after_forward and forward_steps:  # later graphs run beside what it keeps
         forward_steps.append(forward_steps[-1] + analysis.room_after_forward)
-    steps = forward_steps + list(backward_steps)
+    steps = forward_steps + [live + analysis.later_gradients for live in backward_steps]
     return [static + live for live in steps] or [static]
 
 
@@ -998,6 +1015,8 @@ def _memory_no_decision_changes(analysis: Analysis, *, gradients: bool) -> dict[
     memory["other graphs"] = analysis.extra_static_bytes
     if analysis.room_after_forward:
         memory["room for later graphs"] = analysis.room_after_forward
+    if analysis.later_gradients:
+        memory["later graphs' gradients"] = analysis.later_gradients
     return memory
 
 

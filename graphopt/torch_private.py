@@ -428,6 +428,36 @@ def one_graph_under_ddp() -> Any:
     return torch._dynamo.config.patch(optimize_ddp=False)
 
 
+class RecompileLimitHit(Exception):
+    """Dynamo reached its recompile limit for a frame (``FailOnRecompileLimitHit``)."""
+
+
+def only_compiled_frames(replans: int) -> Any:
+    """A context in which a frame past Dynamo's recompile limit raises instead of running
+    uncompiled (Dynamo's default runs it eagerly, outside every plan), with the limit
+    raised by its value for each time graphopt compiled the model again for a new
+    backend (each time counts against the limit of every frame). Read when a frame is
+    converted, so it must surround the calls."""
+    from torch._dynamo import config as dynamo_config
+
+    return dynamo_config.patch(
+        fail_on_recompile_limit_hit=True, recompile_limit=dynamo_config.recompile_limit * (replans + 1)
+    )
+
+
+def recompile_limit_hit(error: BaseException) -> bool:
+    """Whether `error` is Dynamo's refusal to compile a frame past its recompile limit."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    return isinstance(error, FailOnRecompileLimitHit) or isinstance(error.__cause__, FailOnRecompileLimitHit)
+
+
+def recompile_limit() -> int:
+    from torch._dynamo import config as dynamo_config
+
+    return dynamo_config.recompile_limit
+
+
 def compiling_ddp_bucket_graph() -> bool:
     """Whether the graph being compiled is one piece of a DDP model that Dynamo's
     DDPOptimizer split at its gradient buckets (it marks the tracing context)."""

@@ -456,6 +456,33 @@ def test_graph_break_with_a_budget_two_plans_and_equal_gradients():
     assert second.memory["other graphs"] >= first_saved + first.memory["parameters"]
 
 
+def test_an_earlier_graph_counts_the_gradients_later_graphs_leave_through_its_backward():
+    """The second graph's backward runs first and leaves its parameters' gradients in
+    .grad while the first graph's backward runs: the first plan counts them there (its
+    "later graphs' gradients"), and the second, whose gradients are all its own or the
+    first's, counts none."""
+    torch.manual_seed(0)
+    model = GraphBreakMLP()
+    compiled = graphopt.compile(model, memory_budget="200MB", compiler="eager")
+    compiled(*_mlp_inputs()).backward()
+    first, second = graphopt.plans(compiled)
+    second_gradients = sum(p.numel() * p.element_size() for p in model.second.parameters())
+    assert first.memory["later graphs' gradients"] == second_gradients
+    assert "later graphs' gradients" not in second.memory
+    backward = first.timeline_bytes[first.num_forward_steps:]
+    assert min(backward) >= first.memory["parameters"] + first.memory["other graphs"] + second_gradients
+
+
+def test_a_frame_past_dynamos_recompile_limit_raises_under_a_budget():
+    """Past its recompile limit Dynamo runs a frame uncompiled, outside every plan; under
+    a budget graphopt.compile makes that an error that says so."""
+    with torch._dynamo.config.patch(recompile_limit=1):
+        compiled = graphopt.compile(MLPLoss(), memory_budget="200MB", compiler="eager", dynamic=False)
+        with pytest.raises(graphopt.GraphoptError, match="recompile limit"):
+            for rows in (8, 16, 24, 32):  # each shape compiles the frame again
+                compiled(torch.randn(rows, 64)).backward()
+
+
 def test_graph_break_under_a_tight_budget_recomputes_and_equals_eager():
     """The first graph is planned before the second is traced; when the second cannot
     fit beside what the first keeps, graphopt.compile plans the first again, leaving the
