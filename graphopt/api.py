@@ -181,7 +181,7 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
                 f"Dynamo reached its recompile limit ({torch_private.recompile_limit()} per frame, times "
                 f"{replans + 1} for graphopt's {replans} replan(s) of this model) on a frame of this step, and would "
                 "run it uncompiled, outside every plan, where the budget does not hold. Frames recompile for each "
-                "new shape and failed guard; raise torch._dynamo.config.recompile_limit, or make the shapes static."
+                f"new shape and failed guard; raise {torch_private.RECOMPILE_LIMIT_SETTING}, or make the shapes static."
             ) from error
 
     def replanning_forward(*args: Any, **kwargs: Any) -> Any:

@@ -52,8 +52,9 @@ def graph_runs(model: object) -> RunCounter | None:
     graph runs once (a model that is not a module)."""
     if not isinstance(model, torch.nn.Module):
         return None
-    if fsdp_units(model):
-        return _ByInputs(fsdp_graph_runs(model))
+    if fsdp_units(model):  # one unit (the whole model): every graph runs once
+        by_units = fsdp_graph_runs(model)
+        return _ByInputs(by_units) if by_units is not None else None
     return _ModuleRuns(model)
 
 

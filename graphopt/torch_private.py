@@ -428,8 +428,7 @@ def one_graph_under_ddp() -> Any:
     return torch._dynamo.config.patch(optimize_ddp=False)
 
 
-class RecompileLimitHit(Exception):
-    """Dynamo reached its recompile limit for a frame (``FailOnRecompileLimitHit``)."""
+RECOMPILE_LIMIT_SETTING = "torch._dynamo.config.recompile_limit"
 
 
 def only_compiled_frames(replans: int) -> Any:
