@@ -134,6 +134,7 @@ class Session:
     frames: dict[str, object] = dataclasses.field(default_factory=dict)
     # Graph name -> its forward runs whose backward has not come (backend._once_per_backward).
     pending: dict[str, int] = dataclasses.field(default_factory=dict)
+    handed_on: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name: what one run's forward keeps
     gradient_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # its parameters' gradients
     # Budgeted forwards run so far: graphopt.compile plans a call again (a size above a
     # symbolic graph's plan) only while none of that call has run.
@@ -162,7 +163,15 @@ class Session:
         ]
 
     def other_graphs_bytes(self, graph: str, parameter_bytes: int, frame: object = None) -> int:
-        earlier = sum(self.saved_bytes[name] for name in self.other_graphs(graph, frame))
+        """What the other graphs keep, and the parameters only they read. A version of
+        `graph`'s own frame keeps what its runs so far in the step keep: `graph` takes
+        over its later runs."""
+        earlier = sum(
+            self.pending.get(name, 0) * self.handed_on.get(name, 0)
+            if frame is not None and self.frames.get(name) == frame
+            else self.saved_bytes[name]
+            for name in self.other_graphs(graph, frame)
+        )
         other_parameters = max(self.options.model_static_bytes - parameter_bytes, 0)
         return earlier + other_parameters
 
@@ -221,7 +230,9 @@ class Session:
             return self._measured.node_cost
         return functools.partial(estimate_node_cost, hardware=self.options.hardware)
 
-    def record(self, plan: Plan, saved_bytes: int, gradient_bytes: int = 0, frame: object = None) -> None:
+    def record(
+        self, plan: Plan, saved_bytes: int, gradient_bytes: int = 0, frame: object = None, handed_on: int = 0
+    ) -> None:
         """Record a planned graph. An earlier graph of the same frame leaves the byte
         counts (Dynamo replaced it, or runs it only for other shapes); its plan stays
         in `plans`, as it still runs at the shapes it was compiled for."""
@@ -232,11 +243,12 @@ class Session:
                 if owner == frame and name != plan.graph and not self.pending.get(name, 0)
             ]
             for name in replaced:
-                for counts in (self.saved_bytes, self.gradient_bytes, self.frames):
+                for counts in (self.saved_bytes, self.gradient_bytes, self.frames, self.handed_on):
                     counts.pop(name, None)
             self.frames[plan.graph] = frame
         self.plans = [p for p in self.plans if p.graph != plan.graph] + [plan]
         self.saved_bytes[plan.graph] = saved_bytes
+        self.handed_on[plan.graph] = handed_on
         self.gradient_bytes[plan.graph] = gradient_bytes
 
 
@@ -300,7 +312,7 @@ def partition(
     try:
         reserved, (plan, forward, backward) = _plan_for_runs(plan_with, runs)
     except _RunsDoNotFit as failure:
-        raise session.replan_request(graph_name, analyses[-1], failure.error, failure.reserved) from None
+        raise session.replan_request(graph_name, analyses[-1], failure.error) from None
     plan = dataclasses.replace(plan, pruning=pruning)
     plan = _with_optimizer_memory(plan, updates)
     plan = _shown_apart(plan, "accumulated gradients", resident)
@@ -308,7 +320,8 @@ def partition(
     # What the forward hands on (saved tensors and outputs), alive while later graphs run:
     # the end of the forward's timeline the plan was judged by.
     forward_steps = forward.meta[_TIMELINES][0]
-    session.record(plan, runs * (forward_steps[-1] if forward_steps else 0), runs * gradients, frame)
+    handed_on = forward_steps[-1] if forward_steps else 0
+    session.record(plan, runs * handed_on, runs * gradients, frame, handed_on)
     if options.memory_budget_bytes is not None and not _predicted_from_code(forward):
         # The plan was judged in this order, which graphopt's simulation of the FX
         # graphs assumes; Inductor's own peak-memory reordering would move the peak

@@ -660,7 +660,7 @@ def test_a_block_graph_run_once_per_block_is_planned_for_every_run():
 
 def test_a_block_graph_run_once_per_block_meets_its_budget_with_inductor():
     """The measured peak of the step (Inductor's code, the allocator's high-water mark)
-    stays under a budget of 70% of eager's, which the 4 runs of the block graph exceed
+    stays under a budget of 80% of eager's, which the 4 runs of the block graph exceed
     when each is planned as if it ran alone (issue 16)."""
     torch.manual_seed(0)
     eager = _BreakInEveryBlock(width=64)
@@ -668,7 +668,7 @@ def test_a_block_graph_run_once_per_block_meets_its_budget_with_inductor():
     x = torch.randn(2048, 64)
     _, eager_peak = graphopt.measure_peak(lambda: eager(x).backward(), device="cpu", cpu_method="allocated")
     eager.zero_grad(set_to_none=True)
-    budget = int(eager_peak.peak_bytes * 0.7)
+    budget = int(eager_peak.peak_bytes * 0.8)
     compiled = graphopt.compile(model, memory_budget=budget)
     for _ in range(2):
         model.zero_grad(set_to_none=True)
