@@ -200,16 +200,15 @@ class Session:
         return max(options.model_gradient_bytes - gradient_bytes - earlier, 0)
 
     def replan_request(
-        self, graph: str, analysis: Analysis, error: BudgetInfeasibleError, reserved: int = 0
+        self, graph: str, analysis: Analysis, error: BudgetInfeasibleError
     ) -> GraphoptError:
         """What to raise when `graph` fits no plan: a request to replan the earlier
         graphs with room for it, or `error` itself when that cannot help (no earlier
-        graph keeps anything, or they already leave that room). `analysis` was made
-        with `reserved` bytes for the graph's own earlier runs, which it needs too."""
+        graph keeps anything, or they already leave that room)."""
         earlier = [name for name in self.other_graphs(graph, self.frames.get(graph)) if self.saved_bytes[name] > 0]
         least = error.least_peak_bytes
         # What this graph needs beyond every parameter and what earlier graphs keep.
-        need = least - (analysis.extra_static_bytes - reserved) - analysis.parameter_bytes
+        need = least - analysis.extra_static_bytes - analysis.parameter_bytes
         room = dict(self.room_after)
         for name in earlier:
             room[name] = max(room.get(name, 0), need)
@@ -311,8 +310,8 @@ def partition(
 
     try:
         reserved, (plan, forward, backward) = _plan_for_runs(plan_with, runs)
-    except _RunsDoNotFit as failure:
-        raise session.replan_request(graph_name, analyses[-1], failure.error) from None
+    except BudgetInfeasibleError as error:  # beside the last reserve for its earlier runs it tried
+        raise session.replan_request(graph_name, analyses[-1], error) from None
     plan = dataclasses.replace(plan, pruning=pruning)
     plan = _with_optimizer_memory(plan, updates)
     plan = _shown_apart(plan, "accumulated gradients", resident)
@@ -333,15 +332,6 @@ def partition(
     return forward, backward
 
 
-class _RunsDoNotFit(Exception):
-    """No plan of a graph fits beside `reserved` bytes for its earlier runs (0: beside
-    nothing of them); `error` says how close the last try came."""
-
-    def __init__(self, error: BudgetInfeasibleError, reserved: int):
-        super().__init__(str(error))
-        self.error, self.reserved = error, reserved
-
-
 def _plan_for_runs(plan_with, runs: int):
     """The plan of a graph that runs `runs` times before its first backward (a block
     compiled once and called once per block: a graph break in the loop over blocks, or
@@ -351,13 +341,10 @@ def _plan_for_runs(plan_with, runs: int):
     fits beside the reserve it was made with: from no reserve, then each plan's need; a
     reserve no plan fits beside is halved towards the last one that was too small.
     `plan_with(reserved)` plans with `reserved` more static memory and returns (plan,
-    forward, backward); `_RunsDoNotFit` when no plan is found to fit beside its reserve.
+    forward, backward); `BudgetInfeasibleError` when no plan is found to fit beside its reserve.
     """
     if runs <= 1:
-        try:
-            return 0, plan_with(0)
-        except BudgetInfeasibleError as error:
-            raise _RunsDoNotFit(error, 0) from None
+        return 0, plan_with(0)
     reserved, too_small = 0, 0
     error: BudgetInfeasibleError | None = None
     for _ in range(MAX_RUN_ROUNDS):
@@ -380,7 +367,7 @@ def _plan_for_runs(plan_with, runs: int):
             f"fits beside what its earlier runs keep ({format_bytes(reserved)} asked for last); raise the budget, "
             "or shrink the batch"
         )
-    raise _RunsDoNotFit(error, reserved)
+    raise error
 
 
 def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis: Analysis):
