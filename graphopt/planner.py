@@ -840,7 +840,7 @@ def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule
         donated = torch_private.backward_donated_inputs(forward, backward, joint.num_fwd_outputs)
         device = _device_type(forward)
         code = torch_private.generate_wrapper_code(forward)
-        forward_steps = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides, code.shapes, device)
+        forward_steps = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides, code.shapes, device, code.dtypes)
         forward.meta[_INPUT_COPIES] = _input_copies(forward, code)
         owned = _owned_as_returned(forward, code, owned)
         strides = _saved_strides(forward, code)
@@ -848,7 +848,7 @@ def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule
         sizes = {placeholder: code.buffer_bytes[key] for placeholder, key in owned.items() if key in code.buffer_bytes}
         code = torch_private.generate_wrapper_code(backward, donated, is_backward=True, input_strides=strides)
         sizes = {**code.buffer_bytes, **{name: max(size, code.buffer_bytes.get(name, 0)) for name, size in sizes.items()}}
-        return forward_steps, wrapper_timeline(code.source, sizes, owned, code.strides, code.shapes, device)
+        return forward_steps, wrapper_timeline(code.source, sizes, owned, code.strides, code.shapes, device, code.dtypes)
     except Exception as error:  # noqa: BLE001 - any failure falls back to the simulation, which the plan says
         forward.meta[_PREDICTION_FALLBACK] = (
             f"the peak is predicted by graphopt's simulation of the graphs, which has been off by up to 5% on "

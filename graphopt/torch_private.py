@@ -733,12 +733,13 @@ def _sizing_pass() -> Any:
 @dataclasses.dataclass(frozen=True)
 class WrapperCode:
     """The Python wrapper Inductor generated for a graph, and by name, for its buffers
-    and inputs, the bytes of their storage and their strides."""
+    and inputs, the bytes of their storage, their strides, sizes and dtypes."""
 
     source: str
     buffer_bytes: dict[str, int]
     strides: dict[str, tuple[int, ...]]
     shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
 
 
 def generate_wrapper_code(
@@ -845,7 +846,7 @@ def _lower_to_wrapper(copy, inputs, fake_mode, context, patches, is_backward, pl
         with V.set_graph_handler(graph):
             graph.run(*inputs)
             wrapper, _ = graph.codegen()
-            sizes, strides, shapes = {}, {}, {}
+            sizes, strides, shapes, dtypes = {}, {}, {}, {}
             # The method's name changed across releases (size_hint before 2.13).
             hint = getattr(graph.sizevars, "optimization_hint", None) or graph.sizevars.size_hint
             for name, buffer in graph.name_to_buffer.items():
@@ -853,13 +854,13 @@ def _lower_to_wrapper(copy, inputs, fake_mode, context, patches, is_backward, pl
                 if isinstance(layout, ir.Layout):
                     size, stride = [hint(s) for s in layout.size], tuple(hint(s) for s in layout.stride)
                     sizes[name] = storage_bytes(size, stride, layout.dtype, hint(layout.offset))
-                    strides[name], shapes[name] = stride, tuple(size)
+                    strides[name], shapes[name], dtypes[name] = stride, tuple(size), layout.dtype
     for node, value in zip(placeholders, inputs):
         if isinstance(value, torch.Tensor):
             stride, shape = tuple(int(s) for s in value.stride()), tuple(int(s) for s in value.shape)
             sizes[node.name] = storage_bytes(shape, stride, value.dtype, int(value.storage_offset()))
-            strides[node.name], shapes[node.name] = stride, shape
-    return WrapperCode(wrapper.value, sizes, strides, shapes)
+            strides[node.name], shapes[node.name], dtypes[node.name] = stride, shape, value.dtype
+    return WrapperCode(wrapper.value, sizes, strides, shapes, dtypes)
 
 
 def cpu_allocated_peak(fn: Callable[[], object]) -> tuple[object, int]:

@@ -11,8 +11,11 @@ allocation (what an extern kernel allocates itself) come from `buffer_bytes`, wh
 caller takes from Inductor's buffers (``torch_private.generate_wrapper_code``).
 
 What no wrapper line shows is memory an extern kernel takes for itself while it runs.
-``EXTERN_SCRATCH`` models it per op, each rule measured against torch's allocator
-(tests/test_wrapper_memory.py): it is held for the statement that calls the op.
+``EXTERN_SCRATCH`` gives it per op, held for the statement that calls the op. oneDNN's
+CPU convolutions pick their algorithm, and with it their scratch, by the machine's
+instruction set and torch's thread count: those are measured here, each distinct call once per process, by
+running it on zero tensors of the call's layouts (``_probed_scratch``); a rule measured on
+one machine (tests/test_wrapper_memory.py) stands in where a call's layouts are unknown.
 """
 
 from __future__ import annotations
@@ -56,17 +59,83 @@ def _flash_attention_backward_scratch(replay: _Replay, call: ast.Call) -> int:
 
 
 def _convolution_scratch(replay: _Replay, call: ast.Call) -> int:
-    """oneDNN's CPU convolution reorders the weight (argument 1) into its blocked layout
-    for the call: measured, the weight's bytes plus 12,336 for a 3x3, 1x1 or 7x7 kernel
-    at any channel count."""
+    """oneDNN's CPU convolution: what the call allocates beyond its output, measured here
+    (``_probed_scratch``). Where it cannot be run, the rule measured on one thread of an AVX2 machine:
+    the weight (argument 1) reordered into oneDNN's blocked layout, its bytes plus 12,336
+    for a 3x3, 1x1 or 7x7 kernel at any channel count."""
+    probed = _probed_scratch(replay, call)
+    if probed is not None:
+        return probed
     return replay.bytes_of(call.args[1]) + 12_336 if len(call.args) > 1 else 0
 
 
 def _convolution_backward_scratch(replay: _Replay, call: ast.Call) -> int:
-    """oneDNN's CPU convolution backward (gradient, input, weight, ...) holds the weight
-    reordered and the weight's gradient in its blocked layout while it runs: measured,
-    twice the weight's bytes (1,179,648 for a 128 x 128 x 3 x 3 float weight)."""
+    """oneDNN's CPU convolution backward (gradient, input, weight, ...), measured as
+    `_convolution_scratch` is. The rule from one thread of an AVX2 machine: the weight reordered and the
+    weight's gradient in the blocked layout, twice the weight's bytes (1,179,648 for a
+    128 x 128 x 3 x 3 float weight) on one thread; on two, a 1x1 stride-2 backward held
+    106,752 bytes for a 32,768-byte weight."""
+    probed = _probed_scratch(replay, call)
+    if probed is not None:
+        return probed
     return 2 * replay.bytes_of(call.args[2]) if len(call.args) > 2 else 0
+
+
+# (op, its arguments' layouts and constants, torch's threads) -> the bytes it allocated
+# beyond its outputs.
+_PROBES: dict[tuple, int] = {}
+
+
+class _NotRunnable(ValueError):
+    """An argument of an extern call that the replay cannot make a tensor or constant of."""
+
+
+def _probed_scratch(replay: _Replay, call: ast.Call) -> int | None:
+    """What the aten op a wrapper statement calls allocates beyond its outputs, measured
+    with torch's CPU allocator by running it once here on zero tensors of the call's
+    shapes, strides and dtypes, at torch's present thread count (oneDNN's scratch is per
+    thread): the most of a first and a second call (oneDNN creates its primitive on the
+    first). None where an argument is not a tensor of known layout or a
+    literal (a symbolic size), or the op fails on the probe's inputs."""
+    from .. import torch_private
+
+    op = getattr(torch.ops.aten, _op_name(call), None)
+    if op is None:
+        return None
+    try:
+        args = [replay.runnable(argument) for argument in call.args]
+        kwargs = {keyword.arg: replay.runnable(keyword.value) for keyword in call.keywords if keyword.arg}
+    except _NotRunnable:
+        return None
+    key = (_op_name(call), _layouts(args), _layouts(kwargs), torch.get_num_threads())
+    if key not in _PROBES:
+        peaks = []
+        try:
+            for _ in range(2):
+                result, peak = torch_private.cpu_allocated_peak(lambda: op.default(*args, **kwargs))
+                peaks.append(peak - _output_bytes(result))
+        except (RuntimeError, TypeError, ValueError):
+            return None
+        _PROBES[key] = max(0, *peaks)
+    return _PROBES[key]
+
+
+def _layouts(value: object) -> object:
+    """A hashable description of probe arguments: tensors by layout, the rest as given."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype)
+    if isinstance(value, dict):
+        return tuple(sorted((name, _layouts(element)) for name, element in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_layouts(element) for element in value)
+    return value
+
+
+def _output_bytes(result: object) -> int:
+    """Bytes of the distinct storages among an op's outputs."""
+    tensors = [result] if isinstance(result, torch.Tensor) else [t for t in result if isinstance(t, torch.Tensor)]
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors}
+    return sum(storages.values())
 
 
 # Per device type, extern ops (by the name the wrapper calls) -> the bytes they allocate
@@ -88,12 +157,14 @@ class _Replay:
         strides: Mapping[str, tuple] | None = None,
         shapes: Mapping[str, tuple] | None = None,
         device_type: str = "cpu",
+        dtypes: Mapping[str, torch.dtype] | None = None,
     ):
         self._scratch_rules = EXTERN_SCRATCH.get(device_type, {})
         self._buffer_bytes = buffer_bytes
         self._input_storage = input_storage
         self._strides = strides or {}
         self._shapes = shapes or {}
+        self._dtypes = dtypes or {}
         # Multi-output kernels' results -> {position: the name each output is bound to}.
         self.elements: dict[str, dict[int, str]] = {}
         self._names: dict[str, _Storage | tuple[_Storage | None, ...] | list] = {}
@@ -213,6 +284,21 @@ class _Replay:
                 return None
         return None
 
+    def runnable(self, expression: ast.expr) -> object:
+        """An argument of an extern call made real: a zero tensor of a tensor argument's
+        shape, strides and dtype, or a literal constant (raises ``_NotRunnable``)."""
+        shape, strides = self.shape(expression), self.strides(expression)
+        if shape is not None and strides is not None:
+            name = expression.id if isinstance(expression, ast.Name) else getattr(expression.args[0], "id", None)
+            dtype = self._dtypes.get(name) if name is not None else None
+            if dtype is None:
+                raise _NotRunnable(ast.unparse(expression))
+            return torch.zeros(storage_bytes(shape, strides, dtype) // _element_size(dtype), dtype=dtype).as_strided(shape, strides)
+        try:
+            return ast.literal_eval(expression)
+        except (ValueError, SyntaxError):
+            raise _NotRunnable(ast.unparse(expression)) from None
+
     def bytes_of(self, expression: ast.expr) -> int:
         """Bytes of a tensor argument's view (a name's whole buffer)."""
         if isinstance(expression, ast.Name):
@@ -237,6 +323,7 @@ def wrapper_timeline(
     strides: Mapping[str, tuple] | None = None,
     shapes: Mapping[str, tuple] | None = None,
     device_type: str = "cpu",
+    dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> list[int]:
     """Bytes the graph holds after each statement of the wrapper's ``call``.
 
@@ -244,11 +331,12 @@ def wrapper_timeline(
     inputs by name; `input_storage` names the inputs the graph owns (the backward's
     saved tensors and tangents), mapped to a storage key (inputs sharing one are one
     allocation). Other inputs are someone else's memory and not counted; the graph's
-    outputs live on past its end. `strides` and `shapes` (by name, as `buffer_bytes`) let
-    the extern scratch rules tell layouts apart; `device_type` picks the rules.
+    outputs live on past its end. `strides`, `shapes` and `dtypes` (by name, as
+    `buffer_bytes`) let the extern scratch rules tell layouts apart and run a call's op on
+    tensors of its arguments' layouts; `device_type` picks the rules.
     """
     body = _call_body(source)
-    replay = _Replay(buffer_bytes, input_storage, strides, shapes, device_type)
+    replay = _Replay(buffer_bytes, input_storage, strides, shapes, device_type, dtypes)
     for statement in _flatten(body):
         value = statement.value if isinstance(statement, ast.Assign) and len(statement.targets) == 1 else None
         if isinstance(value, ast.Subscript) and isinstance(value.value, ast.Name) and isinstance(statement.targets[0], ast.Name):
@@ -359,4 +447,8 @@ def storage_bytes(sizes, strides, dtype: torch.dtype, offset: int = 0) -> int:
     if any(size == 0 for size in sizes):
         return 0
     elements = offset + 1 + sum((size - 1) * stride for size, stride in zip(sizes, strides))
-    return elements * torch.empty((), dtype=dtype).element_size()
+    return elements * _element_size(dtype)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
