@@ -128,6 +128,7 @@ class TracedStep:
         self._model = model
         self._traced_args = traced_args  # the step's arguments, AOTAutograd's primals in order
         self._input_names = input_names  # the parameter each traced argument is, or None
+        self._min_cuts: dict = {}  # torch's min-cut of the graph, once for every budget (Session.min_cuts)
 
     # Plans come from this one trace of the model (``blocks.ComposedPlanner`` says
     # whether composing has given way to a whole trace).
@@ -147,7 +148,8 @@ class TracedStep:
         with warnings.catch_warnings():  # copying the graph's pytree specs warns about torch's own API
             warnings.simplefilter("ignore", FutureWarning)
             joint = fx.GraphModule(self._joint, copy.deepcopy(self._joint.graph))  # the planner edits its graph
-        session = Session(options, given={GRAPH_NAME: GivenPlan(given, complete=False)} if given is not None else {})
+        given_plans = {GRAPH_NAME: GivenPlan(given, complete=False)} if given is not None else {}
+        session = Session(options, given=given_plans, min_cuts=self._min_cuts)
         trainable = None
         if options.trainable is not None:
             selection = select_parameters(options.trainable, self._model)

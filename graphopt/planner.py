@@ -139,6 +139,10 @@ class Session:
     # Budgeted forwards run so far: graphopt.compile plans a call again (a size above a
     # symbolic graph's plan) only while none of that call has run.
     forward_runs: int = 0
+    # torch's min-cut split of a joint graph, by the graph (``_min_cut``): a caller that
+    # plans one traced step at many budgets (``graphopt plan``'s table) passes one memo to
+    # all its sessions, so min-cut runs once per graph, not once per budget.
+    min_cuts: dict[tuple, tuple[fx.GraphModule, fx.GraphModule]] = dataclasses.field(default_factory=dict)
     _measured: MeasuredCostModel | None = None
     # optimizer=: parameter updates run inside the backward (passes/optimizer_in_backward.py)
     optimizer: OptimizerInBackward | None = dataclasses.field(init=False, default=None)
@@ -380,7 +384,7 @@ def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis
     if given is not None and not given.by_min_cut:
         solution, forward, backward, predicted_peak = _apply_given(joint, analysis, given, graph_name, options)
     else:
-        solution, forward, backward, predicted_peak = _torch_default(joint, joint_inputs, analysis, options)
+        solution, forward, backward, predicted_peak = _torch_default(joint, joint_inputs, analysis, options, session.min_cuts)
         if given is not None:
             _check_min_cut_given(analysis, given, solution.actions, graph_name)
     _progress(options, "%s: %s predicts a peak of %s (usable budget %s)", graph_name,
@@ -432,13 +436,13 @@ def cost_assumptions(nodes: Sequence[fx.Node], node_cost: NodeCost) -> list[str]
     return list(dict.fromkeys(assumption for assumption in assumed if assumption))
 
 
-def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options):
+def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options, memo: dict):
     """torch's own min-cut, described as a plan.
 
     It is the fastest cut torch knows (it also weighs fusion, which our cost model does
     not), so whenever it fits the budget graphopt takes it and adds no time.
     """
-    forward, backward = torch_private.min_cut_partition(joint, joint_inputs)
+    forward, backward = _min_cut(joint, joint_inputs, memo)
     backward = place_updates(backward, joint)
     saved = {n.name for n in backward.graph.find_nodes(op="placeholder")}
     recomputed = {n.name for n in backward.graph.nodes if n.op == "call_function"}
@@ -452,6 +456,30 @@ def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options):
     if options.reorder:
         _reorder(analysis, forward, backward)
     return solution, forward, backward, _simulate(joint, analysis, forward, backward, options)
+
+
+def _min_cut(joint, joint_inputs, memo: dict) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """torch's min-cut split of the joint graph, from `memo` when it holds the same graph
+    (its code, and its inputs' sizes, strides and dtypes): min-cut takes seconds on a
+    large graph (7.8 s on the LLaMA-7B shape), and a table plans one graph at every
+    budget. Each call gets its own copy: the passes after the split rewrite it."""
+    placeholders = joint.module.graph.find_nodes(op="placeholder")
+    layouts = tuple(_layout(node.meta.get("val")) for node in placeholders)
+    key = (joint.module.code, layouts, joint.num_fwd_outputs)
+    if key not in memo:
+        memo[key] = torch_private.min_cut_partition(joint, joint_inputs)
+    copies = []
+    for graph_module in memo[key]:
+        copy, _ = torch_private.copy_graph_module(graph_module)
+        copy.meta.update(graph_module.meta)
+        copies.append(copy)
+    return tuple(copies)
+
+
+def _layout(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return (str(value.shape), str(value.stride()), value.dtype, str(value.device))
+    return str(value)
 
 
 def _apply_given(joint, analysis: Analysis, given: GivenPlan, graph_name: str, options: Options):
