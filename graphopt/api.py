@@ -12,14 +12,19 @@ from .backend import GraphoptBackend
 from .config import Options, make_options
 from .distributed import fsdp_units, is_ddp, local_bytes, rank_memory
 from . import torch_private
-from .errors import GraphoptError, ReplanEarlierGraphs, ShapeAbovePlanError
+from .budget import format_bytes
+from .errors import BudgetInfeasibleError, GraphoptError, ReplanEarlierGraphs, ShapeAbovePlanError
 from .plan import Plan
 from .repeats import graph_runs
 from .trainable import select_parameters
 
 _SESSION_ATTRIBUTE = "_graphopt_backend"
-# Times one call may replan the graphs before a graph break (each leaves more room).
+# Times one call may replan the graphs before a graph break (each leaves more room):
+# at least MAX_REPLANS, and REPLANS_PER_GRAPH for each graph the step has shown so far.
+# A request is answered one graph at a time (the later graphs are traced only once the
+# earlier ones run), so a step broken before each of n blocks asks about n - 1 times.
 MAX_REPLANS = 4
+REPLANS_PER_GRAPH = 2
 
 log = logging.getLogger("graphopt")
 
@@ -191,22 +196,45 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
             log.info("a parameter has a .grad as the step starts (gradient accumulation?); planning every "
                      "graph again with the gradients alive from the step's start")
             replan(backend.with_resident_gradients())
-        for _ in range(MAX_REPLANS):
+        graphs, attempts = 0, 0  # the most graphs one attempt of this call planned or asked about; replans
+        while True:
             session = getattr(compiled, _SESSION_ATTRIBUTE).session
             forward_runs = session.forward_runs
             try:
                 return call(*args, **kwargs)
             except ReplanEarlierGraphs as request:
+                graphs = max(graphs, len(session.plans) + 1)
+                if attempts >= max(MAX_REPLANS, REPLANS_PER_GRAPH * graphs):
+                    raise _replans_exhausted(request, attempts) from request
                 log.info("%s; planning every graph again", request)
                 replan(getattr(compiled, _SESSION_ATTRIBUTE).replanned(request.room_after))
             except ShapeAbovePlanError as error:
                 if session.forward_runs != forward_runs:  # a graph of this call ran: rerunning would repeat it
                     raise
+                if attempts >= max(MAX_REPLANS, REPLANS_PER_GRAPH * graphs):
+                    raise
                 log.info("%s; planning every graph again at this call's sizes", error)
                 replan(getattr(compiled, _SESSION_ATTRIBUTE).replanned(session.room_after))
-        return call(*args, **kwargs)
+            attempts += 1
 
     torch_private.set_compiled_forward(compiled, replanning_forward)
+
+
+def _replans_exhausted(request: ReplanEarlierGraphs, replans: int) -> BudgetInfeasibleError:
+    """The budget error for a step whose graphs, replanned `replans` times, still do not
+    fit together: the last graph that did not fit, with its own least peak beside what
+    the earlier graphs kept in the last attempt."""
+    cause = request.cause
+    return BudgetInfeasibleError(
+        f"the step's graphs (Dynamo broke it into several) do not fit the budget together: after {replans} replans "
+        f"of the earlier graphs, {request.graph} still needs {format_bytes(request.need_bytes)} beside what they keep. "
+        f"Planned beside them, its least peak is {format_bytes(cause.least_peak_bytes)} (a budget of "
+        f"{format_bytes(cause.least_budget_bytes)}); fewer graph breaks let graphopt plan the step as one graph. "
+        f"{request.graph}'s own error: {cause}",
+        least_peak_bytes=cause.least_peak_bytes,
+        least_budget_bytes=cause.least_budget_bytes,
+        breakdown=cause.breakdown,
+    )
 
 
 def _needs_resident_gradients(options: Options, trained: list[torch.Tensor]) -> bool:

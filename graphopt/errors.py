@@ -43,11 +43,18 @@ class ReplanEarlierGraphs(GraphoptError):
 
     ``room_after`` maps each earlier graph to the bytes it must leave free between its
     forward and its backward; ``graphopt.compile`` plans the step again with it.
+    ``graph`` is the graph that did not fit, ``need_bytes`` what it needs beside what
+    the earlier graphs keep, ``cause`` its own ``BudgetInfeasibleError``.
     """
 
-    def __init__(self, message: str, *, room_after: dict[str, int]):
+    def __init__(
+        self, message: str, *, room_after: dict[str, int], graph: str, need_bytes: int, cause: BudgetInfeasibleError
+    ):
         super().__init__(message)
         self.room_after = room_after
+        self.graph = graph
+        self.need_bytes = need_bytes
+        self.cause = cause
 
 
 class RepeatedGraphError(GraphoptError):

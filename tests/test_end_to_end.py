@@ -514,6 +514,26 @@ def test_graph_break_through_the_torch_compile_backend_asks_to_replan():
     assert 0 < request.value.room_after["graph_0"] < budget
 
 
+def test_replans_that_run_out_end_in_a_budget_error(monkeypatch):
+    """graphopt.compile replans the earlier graphs a bounded number of times (at least
+    MAX_REPLANS, REPLANS_PER_GRAPH per graph seen); past that the user gets a
+    BudgetInfeasibleError naming the graph that did not fit and its least peak, not
+    graphopt's internal request. Here the bound is 0, at a budget that asks once."""
+    from graphopt import api
+
+    monkeypatch.setattr(api, "MAX_REPLANS", 0)
+    monkeypatch.setattr(api, "REPLANS_PER_GRAPH", 0)
+    inputs = _mlp_inputs()
+    budget = int(no_budget_peak("graph_break") * 0.7)
+    torch.manual_seed(0)
+    compiled = graphopt.compile(GraphBreakMLP(), memory_budget=budget, compiler="eager")
+    with pytest.raises(graphopt.BudgetInfeasibleError, match="do not fit the budget together: after 0 replans") as error:
+        compiled(*inputs)
+    assert "graph_1 still needs" in str(error.value)
+    assert isinstance(error.value.__cause__, ReplanEarlierGraphs)
+    assert error.value.least_peak_bytes == error.value.__cause__.cause.least_peak_bytes > 0
+
+
 def _first_graph_alone(inputs) -> graphopt.Plan:
     """graph_0's plan without a budget (torch's min-cut)."""
     torch.manual_seed(0)
