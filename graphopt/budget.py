@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import re
 
 from .errors import BudgetError
@@ -57,6 +59,21 @@ def _positive_bytes(value: float, given: object) -> int:
     if value != value or value in (float("inf"), float("-inf")) or value < 1:
         raise BudgetError(f"memory_budget={given!r} must be a positive, finite number of bytes; give {ACCEPTED}")
     return int(value)
+
+
+def least_budget_shown(num_bytes: float) -> int:
+    """The least budget at or above `num_bytes` that `format_bytes` prints exactly: a
+    least budget graphopt reports is one a user can type back as printed ("30.19 GB"
+    for 30,183,400,000 bytes, where "30.18 GB" would fall short of it)."""
+    needed = math.ceil(num_bytes)
+    unit = 1
+    while needed >= 1000 * unit and unit < 10**12:
+        unit *= 1000
+    step = max(unit // 100, 1)
+    shown = -(-needed // step) * step
+    while parse_budget(format_bytes(shown)) < needed:  # a decimal the float parse rounds down
+        shown += step
+    return shown
 
 
 def format_bytes(num_bytes: float) -> str:

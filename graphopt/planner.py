@@ -23,7 +23,7 @@ import torch.fx as fx
 from . import torch_private
 from .alternatives import AlternativeSettings
 from .analysis import Analysis, NodeCost, analyze, parameter_bytes
-from .budget import format_bytes
+from .budget import format_bytes, least_budget_shown
 from .config import Options
 from .cost_models import MeasuredCostModel, estimate_node_cost
 from .cost_models.memory import graph_timeline, storage_owner, value_bytes
@@ -223,6 +223,9 @@ class Session:
             "the earlier graphs must be planned again to leave that room. graphopt.compile does so and reruns "
             "the step; with torch.compile(backend='graphopt'), use graphopt.compile instead",
             room_after=room,
+            graph=graph,
+            need_bytes=need,
+            cause=error,
         )
 
     def node_cost(self) -> NodeCost:
@@ -593,7 +596,7 @@ def _check_given_budget(analysis: Analysis, options: Options, predicted_peak: in
     )
     if not options.check_budget:
         return [f"{over}; applied anyway (check_budget=False)"]
-    least_budget = math.ceil(predicted_peak / (1 - options.prediction_headroom))
+    least_budget = least_budget_shown(predicted_peak / (1 - options.prediction_headroom))
     breakdown = _memory_no_decision_changes(analysis, gradients=False)
     breakdown["activations, gradients and temporaries"] = predicted_peak - sum(breakdown.values())
     raise BudgetInfeasibleError(
@@ -1011,7 +1014,7 @@ def _infeasible(analysis: Analysis, options: Options, least: int, best: Solution
     least budget adds the headroom graphopt keeps for the simulation's error.
     `timed_out`: the planning time ran out before every sweep point was tried.
     """
-    least_budget = math.ceil(least / (1 - options.prediction_headroom))
+    least_budget = least_budget_shown(least / (1 - options.prediction_headroom))
     timeline = memory_timeline(analysis.problem, best.actions)
     phase = "forward" if timeline.index(max(timeline)) < analysis.problem.num_forward_steps else "backward"
     breakdown = _memory_no_decision_changes(analysis, gradients=False)

@@ -72,3 +72,17 @@ def test_graphopt_compile_rejects_a_bad_budget_before_compiling():
 
     with pytest.raises(BudgetError):
         graphopt.compile(torch.nn.Linear(2, 2), memory_budget="5 parsecs", compiler="eager")
+
+
+@pytest.mark.parametrize(
+    "needed, shown",
+    [(30_183_400_000, "30.19 GB"), (30_180_000_000, "30.18 GB"), (999_999, "1.00 MB"), (999, "999 B"), (1_234_001, "1.24 MB")],
+)
+def test_a_least_budget_is_rounded_up_to_what_is_printed(needed, shown):
+    """A least budget graphopt reports is printed as users type budgets; rounding it to
+    the nearest would print one below what is needed ("30.18 GB" for 30.1834 GB)."""
+    from graphopt.budget import format_bytes, least_budget_shown
+
+    least = least_budget_shown(needed)
+    assert format_bytes(least) == shown
+    assert least >= needed and parse_budget(shown) >= needed
