@@ -64,8 +64,9 @@ def fit_with_chunking(
     """``attempt(1)`` (the graph as it is), or, when that fits no plan, ``attempt(k)``
     for the fewest chunks k that fits, with the chunk decision for each region.
     `regions_of()` gives the regions once the first attempt has run (an offline trace
-    finds them as it goes). Raises the error of the attempt with the lowest least peak,
-    saying what was tried."""
+    finds them as it goes). Counts stop rising once one no longer lowers the least
+    peak (the logits no longer set it). Raises the error of the attempt with the lowest
+    least peak, saying what was tried."""
     try:
         result = attempt(1)
     except (BudgetInfeasibleError, ReplanEarlierGraphs) as error:
@@ -81,14 +82,28 @@ def fit_with_chunking(
         try:
             result = attempt(chunks)
         except (BudgetInfeasibleError, ReplanEarlierGraphs) as error:
+            lowest = min(_least_peak(e) for e in errors.values())
             errors[chunks] = error
+            if _least_peak(error) >= lowest:
+                # More chunks shrink only the logits, which no longer set the least peak:
+                # each further count would trace and plan the model again for nothing.
+                break
             continue
         decisions = [_chunked(region, chunks, unchunked, hardware) for region in chunkable]
         return result, decisions + [_not_needed(region) for region in regions if region.unchunkable]
     # The lowest least peak of any chunk count (chunks hold the weight's gradient from
     # the forward on, so on a narrow vocabulary fewer chunks, or none, may reach lower).
-    least = min(errors, key=lambda chunks: getattr(errors[chunks], "least_peak_bytes", math.inf))
+    least = min(errors, key=lambda chunks: _least_peak(errors[chunks]))
     raise _with_note(errors[least], regions, tried=sorted(errors), least_at=least) from None
+
+
+def _least_peak(error: Exception) -> float:
+    """The least peak an attempt's error reports (a replan request's, of the graph that
+    did not fit); infinity where it reports none."""
+    least = getattr(error, "least_peak_bytes", None)
+    if least is None:
+        least = getattr(getattr(error, "cause", None), "least_peak_bytes", None)
+    return math.inf if least is None else least
 
 
 def chunk_counts(regions: Sequence[LossRegion]) -> list[int]:
@@ -141,7 +156,8 @@ def _with_note(error: Exception, regions: Sequence[LossRegion], *, tried: Sequen
             notes.append(f"{region.label} ({format_bytes(region.logits_bytes)} of logits) was not chunked: {region.unchunkable}")
         elif len(tried) > 1:
             at = "unchunked" if least_at == 1 else f"in {least_at} chunks"
-            notes.append(f"{region.label} was tried whole and in {tried[1]} to {tried[-1]} chunks; the least peak is {at}")
+            counts = f"{tried[1]} chunks" if len(tried) == 2 else f"{tried[1]} to {tried[-1]} chunks"
+            notes.append(f"{region.label} was tried whole and in {counts}; the least peak is {at}")
     if not notes or not isinstance(error, BudgetInfeasibleError):
         return error
     return BudgetInfeasibleError(

@@ -254,6 +254,28 @@ def test_an_unreachable_budget_says_what_chunking_tried():
         _step(compiled, _ids())
 
 
+def test_chunk_counts_stop_rising_once_the_least_peak_stops_falling():
+    """Each count is a whole trace and plan: once a count no longer lowers the least
+    peak (the logits no longer set it), larger counts are not tried."""
+    from graphopt.chunking import fit_with_chunking
+    from graphopt.passes.chunk_loss import LossRegion
+
+    region = LossRegion(
+        "loss", "linear", "hidden", "weight", None, "labels", (), -100, "mean",
+        torch.float32, tokens=4096, vocab=32000, hidden_size=64, weight_dtype=torch.float32, module="lm_head",
+    )  # fmt: skip
+    least = {1: 100, 2: 90, 4: 95, 8: 50}
+    tried = []
+
+    def attempt(chunks):
+        tried.append(chunks)
+        raise BudgetInfeasibleError("no", least_peak_bytes=least[chunks], least_budget_bytes=least[chunks], breakdown={})
+
+    with pytest.raises(BudgetInfeasibleError, match="tried whole and in 2 to 4 chunks; the least peak is in 2 chunks"):
+        fit_with_chunking(attempt, lambda: [region], None)
+    assert tried == [1, 2, 4]
+
+
 # ----------------------------------------------------------------------------- measured
 
 MEASURE = textwrap.dedent(
