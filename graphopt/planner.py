@@ -855,7 +855,7 @@ def _graph_timelines(joint, analysis: Analysis, forward: fx.GraphModule, backwar
     owned = _backward_owned_inputs(analysis, backward)
     timelines = None
     if options.compiler == "inductor" and options.prediction == "code":
-        timelines = _inductor_timelines(joint, forward, backward, owned)
+        timelines = _inductor_timelines(joint, forward, backward, owned, getattr(options.hardware, "device_type", None))
     forward.meta[_FROM_CODE] = timelines is not None
     if timelines is None:
         timelines = (graph_timeline(forward), graph_timeline(backward, owned))
@@ -863,15 +863,18 @@ def _graph_timelines(joint, analysis: Analysis, forward: fx.GraphModule, backwar
     return timelines
 
 
-def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule, owned: dict):
+def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule, owned: dict, target: str | None):
     """Both graphs' timelines replayed from the wrapper code Inductor generates for them
     (no kernel is compiled), or None where Inductor cannot generate it here; the plan
-    then lists the fallback among its assumptions (``forward.meta[_PREDICTION_FALLBACK]``)."""
+    then lists the fallback among its assumptions (``forward.meta[_PREDICTION_FALLBACK]``).
+    `target`: the device type planned for; extern calls are run here to measure their
+    scratch only when the graph's tensors are on it (not a GPU plan traced on the CPU)."""
     try:
         donated = torch_private.backward_donated_inputs(forward, backward, joint.num_fwd_outputs)
         device = _device_type(forward)
+        probe = device == target
         code = torch_private.generate_wrapper_code(forward)
-        forward_steps = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides, code.shapes, device, code.dtypes)
+        forward_steps = wrapper_timeline(code.source, code.buffer_bytes, {}, code.strides, code.shapes, device, code.dtypes, probe)
         forward.meta[_INPUT_COPIES] = _input_copies(forward, code)
         owned = _owned_as_returned(forward, code, owned)
         strides = _saved_strides(forward, code)
@@ -879,7 +882,7 @@ def _inductor_timelines(joint, forward: fx.GraphModule, backward: fx.GraphModule
         sizes = {placeholder: code.buffer_bytes[key] for placeholder, key in owned.items() if key in code.buffer_bytes}
         code = torch_private.generate_wrapper_code(backward, donated, is_backward=True, input_strides=strides)
         sizes = {**code.buffer_bytes, **{name: max(size, code.buffer_bytes.get(name, 0)) for name, size in sizes.items()}}
-        return forward_steps, wrapper_timeline(code.source, sizes, owned, code.strides, code.shapes, device, code.dtypes)
+        return forward_steps, wrapper_timeline(code.source, sizes, owned, code.strides, code.shapes, device, code.dtypes, probe)
     except Exception as error:  # noqa: BLE001 - any failure falls back to the simulation, which the plan says
         forward.meta[_PREDICTION_FALLBACK] = (
             f"the peak is predicted by graphopt's simulation of the graphs, which has been off by up to 5% on "

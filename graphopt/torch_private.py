@@ -863,6 +863,12 @@ def _lower_to_wrapper(copy, inputs, fake_mode, context, patches, is_backward, pl
     return WrapperCode(wrapper.value, sizes, strides, shapes, dtypes)
 
 
+def real_tensors() -> contextlib.AbstractContextManager:
+    """Leave the fake-tensor mode a compile has active (AOTAutograd calls the partitioner
+    inside it): tensors made and ops run within are real."""
+    return unset_fake_temporarily()
+
+
 def cpu_allocated_peak(fn: Callable[[], object]) -> tuple[object, int]:
     """Call ``fn()`` under torch's profiler and return its result with the peak of bytes
     the CPU allocator had handed out during the call above what it had before: every

@@ -367,7 +367,10 @@ _CNN_SCRIPT = textwrap.dedent(
     probe(*inputs).backward()
     budget = int(graphopt.plans(probe)[0].predicted_peak_bytes * float(sys.argv[1]))
     torch._dynamo.reset()
-    print(json.dumps(measure_compiled_step(*fresh(), budget)))
+    figures = measure_compiled_step(*fresh(), budget)
+    from graphopt.cost_models import wrapper_memory
+    figures["probed"] = sorted({key[0] for key in wrapper_memory._PROBES})  # convolutions measured while planning
+    print(json.dumps(figures))
     """
 )
 
@@ -382,3 +385,4 @@ def test_cnn_prediction_counts_inductors_layouts_and_onednn_scratch():
     assert figures["recomputed"] > 0, figures
     assert figures["measured"] <= figures["budget"], figures
     assert abs(figures["predicted"] - figures["measured"]) <= 0.02 * figures["measured"], figures
+    assert figures["probed"] == ["convolution", "convolution_backward"], figures

@@ -173,6 +173,7 @@ def _check_convolution_scratch(batch, channels, size, out_channels, kernel, stri
         {name: tuple(t.shape) for name, t in tensors.items()},
         "cpu",
         {name: t.dtype for name, t in tensors.items()},
+        probe=True,
     )
     forward_call = (
         f"buf0 = extern_kernels.convolution(x, w, None, stride=({stride}, {stride}), padding=({padding}, {padding}), "
@@ -188,14 +189,21 @@ def _check_convolution_scratch(batch, channels, size, out_channels, kernel, stri
     assert abs(backward_scratch - replay.scratch(ast.parse(backward_call).body[0])) <= 32_768
 
 
-def test_convolution_scratch_falls_back_to_the_rule_where_the_call_cannot_run():
-    """A call whose argument's dtype (or size) the replay does not know is not run: the
-    rule measured on one machine gives its scratch (twice the weight's bytes backward)."""
+def test_convolution_scratch_falls_back_to_the_rule_where_the_call_is_not_run():
+    """A call the replay may not run (a graph planned for another machine: a GPU plan
+    traced on CPU tensors), or whose arguments it cannot make (a symbolic size), takes
+    the rule measured on one machine: twice the weight's bytes backward."""
     from graphopt.cost_models.wrapper_memory import _Replay
 
-    replay = _Replay({"g": 4096, "x": 4096, "w": 1000}, {}, {"w": (1, 1, 1, 1)}, {"w": (250, 1, 1, 1)})
-    call = "buf1 = torch.ops.aten.convolution_backward.default(g, x, w, [0], (1, 1), (0, 0), (1, 1), False, (0, 0), s0, [True, True, False])"
-    assert replay.scratch(ast.parse(call).body[0]) == 2000
+    shapes = {"g": (4, 250, 4, 4), "x": (4, 1, 4, 4), "w": (250, 1, 1, 1)}
+    strides = {name: torch.empty(shape).stride() for name, shape in shapes.items()}
+    sizes = {name: 4 * torch.empty(shape).numel() for name, shape in shapes.items()}
+    dtypes = dict.fromkeys(shapes, torch.float32)
+    call = "buf1 = torch.ops.aten.convolution_backward.default(g, x, w, [0], (1, 1), (0, 0), (1, 1), False, (0, 0), {}, [True, True, False])"
+    elsewhere = _Replay(sizes, {}, strides, shapes, "cpu", dtypes, probe=False)
+    assert elsewhere.scratch(ast.parse(call.format(1)).body[0]) == 2000
+    symbolic = _Replay(sizes, {}, strides, shapes, "cpu", dtypes, probe=True)
+    assert symbolic.scratch(ast.parse(call.format("s0")).body[0]) == 2000
 
 
 def test_returned_names_and_strides_read_the_wrappers_return():

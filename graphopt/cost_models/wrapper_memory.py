@@ -13,9 +13,10 @@ caller takes from Inductor's buffers (``torch_private.generate_wrapper_code``).
 What no wrapper line shows is memory an extern kernel takes for itself while it runs.
 ``EXTERN_SCRATCH`` gives it per op, held for the statement that calls the op. oneDNN's
 CPU convolutions pick their algorithm, and with it their scratch, by the machine's
-instruction set and torch's thread count: those are measured here, each distinct call once per process, by
-running it on zero tensors of the call's layouts (``_probed_scratch``); a rule measured on
-one machine (tests/test_wrapper_memory.py) stands in where a call's layouts are unknown.
+instruction set and torch's thread count: when the graph is planned for the CPU it runs
+on (``probe``), each distinct call is measured once per process by running it on zero
+tensors of the call's layouts (``_probed_scratch``); otherwise, or where a call's layouts
+are unknown, a rule measured on one machine (tests/test_wrapper_memory.py) stands in.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def _flash_attention_backward_scratch(replay: _Replay, call: ast.Call) -> int:
 
 def _convolution_scratch(replay: _Replay, call: ast.Call) -> int:
     """oneDNN's CPU convolution: what the call allocates beyond its output, measured here
-    (``_probed_scratch``). Where it cannot be run, the rule measured on one thread of an AVX2 machine:
-    the weight (argument 1) reordered into oneDNN's blocked layout, its bytes plus 12,336
-    for a 3x3, 1x1 or 7x7 kernel at any channel count."""
+    (``_probed_scratch``). Where it is not run, the rule from one thread of an AVX2
+    machine: the weight (argument 1) reordered into oneDNN's blocked layout, its bytes
+    plus 12,336 for a 3x3, 1x1 or 7x7 kernel at any channel count."""
     probed = _probed_scratch(replay, call)
     if probed is not None:
         return probed
@@ -71,10 +72,10 @@ def _convolution_scratch(replay: _Replay, call: ast.Call) -> int:
 
 def _convolution_backward_scratch(replay: _Replay, call: ast.Call) -> int:
     """oneDNN's CPU convolution backward (gradient, input, weight, ...), measured as
-    `_convolution_scratch` is. The rule from one thread of an AVX2 machine: the weight reordered and the
-    weight's gradient in the blocked layout, twice the weight's bytes (1,179,648 for a
-    128 x 128 x 3 x 3 float weight) on one thread; on two, a 1x1 stride-2 backward held
-    106,752 bytes for a 32,768-byte weight."""
+    `_convolution_scratch` is. The rule from one thread of an AVX2 machine: the weight
+    reordered and the weight's gradient in the blocked layout, twice the weight's bytes
+    (1,179,648 for a 128 x 128 x 3 x 3 float weight); on two threads, a 1x1 stride-2
+    backward held 106,752 bytes for a 32,768-byte weight."""
     probed = _probed_scratch(replay, call)
     if probed is not None:
         return probed
@@ -95,28 +96,32 @@ def _probed_scratch(replay: _Replay, call: ast.Call) -> int | None:
     with torch's CPU allocator by running it once here on zero tensors of the call's
     shapes, strides and dtypes, at torch's present thread count (oneDNN's scratch is per
     thread): the most of a first and a second call (oneDNN creates its primitive on the
-    first). None where an argument is not a tensor of known layout or a
-    literal (a symbolic size), or the op fails on the probe's inputs."""
+    first). None where the replay may not run ops (a graph planned for another machine),
+    an argument is not a tensor of known layout or a literal (a symbolic size), or the op
+    fails on the probe's inputs."""
     from .. import torch_private
 
+    if not replay.probe:
+        return None
     op = getattr(torch.ops.aten, _op_name(call), None)
     if op is None:
         return None
-    try:
-        args = [replay.runnable(argument) for argument in call.args]
-        kwargs = {keyword.arg: replay.runnable(keyword.value) for keyword in call.keywords if keyword.arg}
-    except _NotRunnable:
-        return None
-    key = (_op_name(call), _layouts(args), _layouts(kwargs), torch.get_num_threads())
-    if key not in _PROBES:
-        peaks = []
+    with torch_private.real_tensors():  # planning runs inside the compile's fake mode
         try:
-            for _ in range(2):
-                result, peak = torch_private.cpu_allocated_peak(lambda: op.default(*args, **kwargs))
-                peaks.append(peak - _output_bytes(result))
-        except (RuntimeError, TypeError, ValueError):
+            args = [replay.runnable(argument) for argument in call.args]
+            kwargs = {keyword.arg: replay.runnable(keyword.value) for keyword in call.keywords if keyword.arg}
+        except _NotRunnable:
             return None
-        _PROBES[key] = max(0, *peaks)
+        key = (_op_name(call), _layouts(args), _layouts(kwargs), torch.get_num_threads())
+        if key not in _PROBES:
+            peaks = []
+            try:
+                for _ in range(2):
+                    result, peak = torch_private.cpu_allocated_peak(lambda: op.default(*args, **kwargs))
+                    peaks.append(peak - _output_bytes(result))
+            except (RuntimeError, TypeError, ValueError):
+                return None
+            _PROBES[key] = max(0, *peaks)
     return _PROBES[key]
 
 
@@ -158,8 +163,10 @@ class _Replay:
         shapes: Mapping[str, tuple] | None = None,
         device_type: str = "cpu",
         dtypes: Mapping[str, torch.dtype] | None = None,
+        probe: bool = False,
     ):
         self._scratch_rules = EXTERN_SCRATCH.get(device_type, {})
+        self.probe = probe  # whether extern calls may be run here to measure their scratch
         self._buffer_bytes = buffer_bytes
         self._input_storage = input_storage
         self._strides = strides or {}
@@ -324,6 +331,7 @@ def wrapper_timeline(
     shapes: Mapping[str, tuple] | None = None,
     device_type: str = "cpu",
     dtypes: Mapping[str, torch.dtype] | None = None,
+    probe: bool = False,
 ) -> list[int]:
     """Bytes the graph holds after each statement of the wrapper's ``call``.
 
@@ -333,10 +341,11 @@ def wrapper_timeline(
     allocation). Other inputs are someone else's memory and not counted; the graph's
     outputs live on past its end. `strides`, `shapes` and `dtypes` (by name, as
     `buffer_bytes`) let the extern scratch rules tell layouts apart and run a call's op on
-    tensors of its arguments' layouts; `device_type` picks the rules.
+    tensors of its arguments' layouts; `device_type` picks the rules; `probe` lets them
+    run extern calls here (only for a graph planned for the machine planning it).
     """
     body = _call_body(source)
-    replay = _Replay(buffer_bytes, input_storage, strides, shapes, device_type, dtypes)
+    replay = _Replay(buffer_bytes, input_storage, strides, shapes, device_type, dtypes, probe)
     for statement in _flatten(body):
         value = statement.value if isinstance(statement, ast.Assign) and len(statement.targets) == 1 else None
         if isinstance(value, ast.Subscript) and isinstance(value.value, ast.Name) and isinstance(statement.targets[0], ast.Name):
