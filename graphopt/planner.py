@@ -136,13 +136,15 @@ class Session:
     pending: dict[str, int] = dataclasses.field(default_factory=dict)
     handed_on: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name: what one run's forward keeps
     gradient_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # its parameters' gradients
+    runs: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name: the runs it was planned for
     # Budgeted forwards run so far: graphopt.compile plans a call again (a size above a
     # symbolic graph's plan) only while none of that call has run.
     forward_runs: int = 0
     # torch's min-cut split of a joint graph, by the graph (``_min_cut``): a caller that
     # plans one traced step at many budgets (``graphopt plan``'s table) passes one memo to
-    # all its sessions, so min-cut runs once per graph, not once per budget.
-    min_cuts: dict[tuple, tuple[fx.GraphModule, fx.GraphModule]] = dataclasses.field(default_factory=dict)
+    # all its sessions, so min-cut runs once per graph, not once per budget. None (a
+    # compile, whose every graph is new): min-cut runs each time.
+    min_cuts: dict[tuple, tuple[fx.GraphModule, fx.GraphModule]] | None = None
     _measured: MeasuredCostModel | None = None
     # optimizer=: parameter updates run inside the backward (passes/optimizer_in_backward.py)
     optimizer: OptimizerInBackward | None = dataclasses.field(init=False, default=None)
@@ -237,25 +239,33 @@ class Session:
         return functools.partial(estimate_node_cost, hardware=self.options.hardware)
 
     def record(
-        self, plan: Plan, saved_bytes: int, gradient_bytes: int = 0, frame: object = None, handed_on: int = 0
+        self, plan: Plan, saved_bytes: int, gradient_bytes: int = 0, frame: object = None, handed_on: int = 0, runs: int = 1
     ) -> None:
-        """Record a planned graph. An earlier graph of the same frame leaves the byte
-        counts (Dynamo replaced it, or runs it only for other shapes); its plan stays
-        in `plans`, as it still runs at the shapes it was compiled for."""
+        """Record a planned graph, planned for `runs` runs (`saved_bytes` and
+        `gradient_bytes` are all of theirs). An earlier graph of the same frame leaves
+        the byte counts (Dynamo replaced it, or runs it only for other shapes); its plan
+        stays in `plans`, as it still runs at the shapes it was compiled for. One whose
+        runs still wait for their backward (a block graph compiled again for the next
+        block) keeps what those runs keep, and no more: the new graph takes over its
+        later runs."""
         if frame is not None:
-            replaced = [
-                name
-                for name, owner in self.frames.items()
-                if owner == frame and name != plan.graph and not self.pending.get(name, 0)
-            ]
-            for name in replaced:
-                for counts in (self.saved_bytes, self.gradient_bytes, self.frames, self.handed_on):
-                    counts.pop(name, None)
+            earlier = [name for name, owner in self.frames.items() if owner == frame and name != plan.graph]
+            for name in earlier:
+                done = self.pending.get(name, 0)
+                if not done:
+                    for counts in (self.saved_bytes, self.gradient_bytes, self.frames, self.handed_on, self.runs):
+                        counts.pop(name, None)
+                elif done < self.runs.get(name, 1):
+                    planned = self.runs.get(name, 1)
+                    self.saved_bytes[name] = self.saved_bytes[name] * done // planned
+                    self.gradient_bytes[name] = self.gradient_bytes.get(name, 0) * done // planned
+                    self.runs[name] = done
             self.frames[plan.graph] = frame
         self.plans = [p for p in self.plans if p.graph != plan.graph] + [plan]
         self.saved_bytes[plan.graph] = saved_bytes
         self.handed_on[plan.graph] = handed_on
         self.gradient_bytes[plan.graph] = gradient_bytes
+        self.runs[plan.graph] = runs
 
 
 def partition(
@@ -327,7 +337,7 @@ def partition(
     # the end of the forward's timeline the plan was judged by.
     forward_steps = forward.meta[_TIMELINES][0]
     handed_on = forward_steps[-1] if forward_steps else 0
-    session.record(plan, runs * handed_on, runs * gradients, frame, handed_on)
+    session.record(plan, runs * handed_on, runs * gradients, frame, handed_on, runs)
     if options.memory_budget_bytes is not None and not _predicted_from_code(forward):
         # The plan was judged in this order, which graphopt's simulation of the FX
         # graphs assumes; Inductor's own peak-memory reordering would move the peak
@@ -439,7 +449,7 @@ def cost_assumptions(nodes: Sequence[fx.Node], node_cost: NodeCost) -> list[str]
     return list(dict.fromkeys(assumption for assumption in assumed if assumption))
 
 
-def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options, memo: dict):
+def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options, memo: dict | None):
     """torch's own min-cut, described as a plan.
 
     It is the fastest cut torch knows (it also weighs fusion, which our cost model does
@@ -461,11 +471,13 @@ def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options, me
     return solution, forward, backward, _simulate(joint, analysis, forward, backward, options)
 
 
-def _min_cut(joint, joint_inputs, memo: dict) -> tuple[fx.GraphModule, fx.GraphModule]:
+def _min_cut(joint, joint_inputs, memo: dict | None) -> tuple[fx.GraphModule, fx.GraphModule]:
     """torch's min-cut split of the joint graph, from `memo` when it holds the same graph
-    (its code, and its inputs' sizes, strides and dtypes): min-cut takes seconds on a
-    large graph (7.8 s on the LLaMA-7B shape), and a table plans one graph at every
-    budget. Each call gets its own copy: the passes after the split rewrite it."""
+    (its code, and its inputs' sizes, strides, dtypes and fake mode): min-cut takes
+    seconds on a large graph (7.8 s on the LLaMA-7B shape), and a table plans one graph
+    at every budget. Each call gets its own copy: the passes after the split rewrite it."""
+    if memo is None:
+        return torch_private.min_cut_partition(joint, joint_inputs)
     placeholders = joint.module.graph.find_nodes(op="placeholder")
     layouts = tuple(_layout(node.meta.get("val")) for node in placeholders)
     key = (joint.module.code, layouts, joint.num_fwd_outputs)
@@ -480,8 +492,8 @@ def _min_cut(joint, joint_inputs, memo: dict) -> tuple[fx.GraphModule, fx.GraphM
 
 
 def _layout(value: object) -> object:
-    if isinstance(value, torch.Tensor):
-        return (str(value.shape), str(value.stride()), value.dtype, str(value.device))
+    if isinstance(value, torch.Tensor):  # a fake tensor's mode too: the split's tensors belong to it
+        return (str(value.shape), str(value.stride()), value.dtype, str(value.device), id(getattr(value, "fake_mode", None)))
     return str(value)
 
 

@@ -706,6 +706,65 @@ def test_a_block_graph_run_once_per_block_meets_its_budget_with_inductor():
     assert_grads_equal(eager, model)
 
 
+class _IndexedBlock(_Block):
+    """A block that reads its own index (as transformers' layers read ``layer_idx``):
+    Dynamo guards on it and compiles the block's frame again for every block."""
+
+    def __init__(self, width: int, index: int):
+        super().__init__(width)
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return x + self.down(F.gelu(self.up(x))) * (1.0 + 0.0 * self.index)
+
+
+class _Body(nn.Module):
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _BlocksAndHead(nn.Module):
+    """Blocks with a graph break in each, inside a body module (as a transformers model
+    inside its causal-LM wrapper), then a head with parameters of its own: the head's
+    graph comes from the outer frame and runs after every block's forward."""
+
+    def __init__(self, indexed: bool, depth: int = 4, width: int = 64):
+        super().__init__()
+        self.body = _Body([_IndexedBlock(width, i) if indexed else _Block(width) for i in range(depth)])
+        self.head = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x)).square().mean()
+
+
+def test_a_block_frame_compiled_again_per_block_counts_each_run_once():
+    """Each version of the block's frame was planned for the blocks left when it was
+    compiled (4, 3, 2, 1), and the head's graph counted all of them: what the blocks
+    keep, 10 times instead of 4 (a transformers Llama broken before each layer: the head
+    infeasible at a 5 MB budget, least peak 9.50 MB; once fixed it measured 4.83 MB). A
+    version superseded while its run waits for the backward keeps that run's bytes, so
+    the head counts what it counts when one graph serves every block."""
+    x = torch.randn(256, 64)
+
+    def head_plan(indexed: bool) -> graphopt.Plan:
+        torch.manual_seed(0)
+        compiled = graphopt.compile(_BlocksAndHead(indexed), memory_budget="200MB", compiler="eager")
+        _break_in_every_block_step(compiled, x)
+        plans = graphopt.plans(compiled)
+        assert len(plans) >= (5 if indexed else 3), [plan.graph for plan in plans]
+        return plans[-1]
+
+    shared, indexed = head_plan(False), head_plan(True)
+    assert indexed.memory["other graphs"] == shared.memory["other graphs"], (indexed.memory, shared.memory)
+
+
 class _SameFunctionInALoop(nn.Module):
     """A function without parameters, broken off by a graph break and called in a loop:
     nothing in the model says how often its graph runs."""
