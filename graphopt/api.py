@@ -174,12 +174,16 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
         replans += 1
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        if getattr(compiled, _SESSION_ATTRIBUTE).session.options.memory_budget_bytes is None:
+        session = getattr(compiled, _SESSION_ATTRIBUTE).session
+        if session.options.memory_budget_bytes is None:
             return forward(*args, **kwargs)
+        open_before = set(session.open_runs)
         try:
             with torch_private.only_compiled_frames(replans):
                 return forward(*args, **kwargs)
         except Exception as error:
+            # The failed call's forwards will see no backward: the next call may run them again.
+            session.abandon_runs(open_before)
             if not torch_private.recompile_limit_hit(error):
                 raise
             raise GraphoptError(

@@ -15,7 +15,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -134,6 +134,9 @@ class Session:
     frames: dict[str, object] = dataclasses.field(default_factory=dict)
     # Graph name -> its forward runs whose backward has not come (backend._once_per_backward).
     pending: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Each forward run whose backward has not come -> what closes it (backend._once_per_backward):
+    # a call that fails drops its runs (``abandon_runs``), whose saved tensors go with it.
+    open_runs: dict[int, Callable[[], None]] = dataclasses.field(default_factory=dict)
     handed_on: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name: what one run's forward keeps
     gradient_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # its parameters' gradients
     runs: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name: the runs it was planned for
@@ -158,6 +161,13 @@ class Session:
         if self.optimizer is None:
             return GraphUpdates({}, 0)
         return self.optimizer.updates_for(joint, graph_parameters)
+
+    def abandon_runs(self, since: set[int]) -> None:
+        """Close the runs opened since `since` (the open runs' keys before a call that
+        raised): their saved tensors die with the call's exception, and no backward
+        will come to close them."""
+        for key in [key for key in self.open_runs if key not in since]:
+            self.open_runs[key]()
 
     def other_graphs(self, graph: str, frame: object = None) -> list[str]:
         """The graphs recorded so far that run beside `graph`: not itself, nor an

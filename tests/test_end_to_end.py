@@ -765,6 +765,41 @@ def test_a_block_frame_compiled_again_per_block_counts_each_run_once():
     assert indexed.memory["other graphs"] == shared.memory["other graphs"], (indexed.memory, shared.memory)
 
 
+class _FailsAfterAGraph(nn.Module):
+    """A forward that raises (bad data, say) after its first graph ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.fail = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(x).relu()
+        torch._dynamo.graph_break()
+        if self.fail:
+            raise ValueError("a bad batch")
+        return self.second(x).square().mean()
+
+
+def test_a_call_that_raised_does_not_count_as_a_run_awaiting_its_backward():
+    """The first graph's forward ran in a call that then raised: no backward will come
+    for it. The next call runs it again, which a run still awaiting its backward would
+    refuse (RepeatedGraphError), while the user holds the exception (and with it the
+    failed call's tensors)."""
+    torch.manual_seed(0)
+    model = _FailsAfterAGraph()
+    eager = copy.deepcopy(model)
+    compiled = graphopt.compile(model, memory_budget="200MB", compiler="eager")
+    x = torch.randn(256, 64)
+    with pytest.raises(ValueError, match="a bad batch") as failure:
+        compiled(x)
+    model.fail = eager.fail = False
+    compiled(x).backward()
+    eager(x).backward()
+    assert_grads_equal(eager, model)
+    assert failure.value is not None  # the failed call's frames were alive throughout
+
+
 class _SameFunctionInALoop(nn.Module):
     """A function without parameters, broken off by a graph break and called in a loop:
     nothing in the model says how often its graph runs."""
