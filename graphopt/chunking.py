@@ -54,7 +54,7 @@ def compile_with_chunking(session: Session, graph_name: str, graph_module: fx.Gr
     compiled, decisions = fit_with_chunking(attempt, lambda: regions, session.options.hardware)
     for plan in session.plans:  # the plan the graph was just given
         if plan.graph == graph_name:
-            session.record(dataclasses.replace(plan, chunking=tuple(decisions)), session.saved_bytes.get(graph_name, 0))
+            session.replace_plan(dataclasses.replace(plan, chunking=tuple(decisions)))
     return compiled
 
 

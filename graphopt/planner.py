@@ -128,9 +128,8 @@ class Session:
     # new shape, a failed guard) gives a graph that runs instead of the earlier one, not
     # beside it -- unless a run of the earlier one still waits for its backward (a guard
     # that failed within the step: a block graph compiled again once its input requires
-    # grad, the earlier version having run for the first block). `record` drops the
-    # earlier one's bytes, and a graph counts a version of its own frame as another graph
-    # only while that version has a `pending` run.
+    # grad, the earlier version having run for the first block). `supersede` drops the
+    # earlier one's bytes, or, while it has `pending` runs, keeps only theirs.
     frames: dict[str, object] = dataclasses.field(default_factory=dict)
     # Graph name -> its forward runs whose backward has not come (backend._once_per_backward).
     pending: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -169,29 +168,37 @@ class Session:
         for key in [key for key in self.open_runs if key not in since]:
             self.open_runs[key]()
 
-    def other_graphs(self, graph: str, frame: object = None) -> list[str]:
-        """The graphs recorded so far that run beside `graph`: not itself, nor an
-        earlier version of its frame (which it replaces)."""
-        return [
-            name
-            for name in self.saved_bytes
-            if name != graph and (frame is None or self.frames.get(name) != frame or self.pending.get(name, 0) > 0)
-        ]
-
-    def other_graphs_bytes(self, graph: str, parameter_bytes: int, frame: object = None) -> int:
-        """What the other graphs keep, and the parameters only they read. A version of
-        `graph`'s own frame keeps what its runs so far in the step keep: `graph` takes
+    def supersede(self, graph: str, frame: object) -> None:
+        """`graph` is a new version of `frame` (Dynamo compiled it again: a new shape, a
+        failed guard). An earlier version none of whose runs awaits its backward leaves
+        the byte counts (it is replaced, or runs only at other shapes); its plan stays in
+        `plans`. One whose runs still wait for their backward (a block graph compiled
+        again for the next block) keeps what those runs keep, and no more: `graph` takes
         over its later runs."""
-        earlier = sum(
-            self.pending.get(name, 0) * self.handed_on.get(name, 0)
-            if frame is not None and self.frames.get(name) == frame
-            else self.saved_bytes[name]
-            for name in self.other_graphs(graph, frame)
-        )
+        for name, owner in list(self.frames.items()):
+            if owner != frame or name == graph:
+                continue
+            done = self.pending.get(name, 0)
+            if not done:
+                for counts in (self.saved_bytes, self.gradient_bytes, self.frames, self.handed_on, self.runs):
+                    counts.pop(name, None)
+            elif done < self.runs.get(name, 1):
+                self.saved_bytes[name] = done * self.handed_on.get(name, 0)
+                self.gradient_bytes[name] = self.gradient_bytes.get(name, 0) * done // self.runs[name]
+                self.runs[name] = done
+        self.frames[graph] = frame
+
+    def other_graphs(self, graph: str) -> list[str]:
+        """The graphs recorded so far that run beside `graph`."""
+        return [name for name in self.saved_bytes if name != graph]
+
+    def other_graphs_bytes(self, graph: str, parameter_bytes: int) -> int:
+        """What the other graphs keep, and the parameters only they read."""
+        earlier = sum(self.saved_bytes[name] for name in self.other_graphs(graph))
         other_parameters = max(self.options.model_static_bytes - parameter_bytes, 0)
         return earlier + other_parameters
 
-    def resident_gradient_bytes(self, graph: str, gradient_bytes: int, frame: object = None) -> int:
+    def resident_gradient_bytes(self, graph: str, gradient_bytes: int) -> int:
         """The gradients alive from the step's start with accumulation (``.grad`` of every
         trainable parameter, from earlier micro-batches): the whole model's where
         ``graphopt.compile`` knows it, else this graph's and the other graphs' so far."""
@@ -199,9 +206,9 @@ class Session:
             return 0
         if self.options.model_gradient_bytes:
             return self.options.model_gradient_bytes
-        return gradient_bytes + sum(self.gradient_bytes.get(name, 0) for name in self.other_graphs(graph, frame))
+        return gradient_bytes + sum(self.gradient_bytes.get(name, 0) for name in self.other_graphs(graph))
 
-    def later_gradient_bytes(self, graph: str, gradient_bytes: int, frame: object = None) -> int:
+    def later_gradient_bytes(self, graph: str, gradient_bytes: int) -> int:
         """The gradients graphs after `graph` in the step leave in ``.grad`` before its
         backward runs (their backwards come first): the model's trainable gradients less
         `graph`'s own (`gradient_bytes`, every run's) and those of the graphs recorded
@@ -212,7 +219,7 @@ class Session:
         options = self.options
         if not options.count_later_gradients or options.resident_gradients or not options.model_gradient_bytes:
             return 0
-        earlier = sum(self.gradient_bytes.get(name, 0) for name in self.other_graphs(graph, frame))
+        earlier = sum(self.gradient_bytes.get(name, 0) for name in self.other_graphs(graph))
         return max(options.model_gradient_bytes - gradient_bytes - earlier, 0)
 
     def replan_request(
@@ -221,7 +228,7 @@ class Session:
         """What to raise when `graph` fits no plan: a request to replan the earlier
         graphs with room for it, or `error` itself when that cannot help (no earlier
         graph keeps anything, or they already leave that room)."""
-        earlier = [name for name in self.other_graphs(graph, self.frames.get(graph)) if self.saved_bytes[name] > 0]
+        earlier = [name for name in self.other_graphs(graph) if self.saved_bytes[name] > 0]
         least = error.least_peak_bytes
         # What this graph needs beyond every parameter and what earlier graphs keep.
         need = least - analysis.extra_static_bytes - analysis.parameter_bytes
@@ -249,34 +256,19 @@ class Session:
         return functools.partial(estimate_node_cost, hardware=self.options.hardware)
 
     def record(
-        self, plan: Plan, saved_bytes: int, gradient_bytes: int = 0, frame: object = None, handed_on: int = 0, runs: int = 1
+        self, plan: Plan, saved_bytes: int, gradient_bytes: int = 0, handed_on: int = 0, runs: int = 1
     ) -> None:
         """Record a planned graph, planned for `runs` runs (`saved_bytes` and
-        `gradient_bytes` are all of theirs). An earlier graph of the same frame leaves
-        the byte counts (Dynamo replaced it, or runs it only for other shapes); its plan
-        stays in `plans`, as it still runs at the shapes it was compiled for. One whose
-        runs still wait for their backward (a block graph compiled again for the next
-        block) keeps what those runs keep, and no more: the new graph takes over its
-        later runs."""
-        if frame is not None:
-            earlier = [name for name, owner in self.frames.items() if owner == frame and name != plan.graph]
-            for name in earlier:
-                done = self.pending.get(name, 0)
-                if not done:
-                    for counts in (self.saved_bytes, self.gradient_bytes, self.frames, self.handed_on, self.runs):
-                        counts.pop(name, None)
-                elif done < self.runs.get(name, 1):
-                    planned = self.runs.get(name, 1)
-                    self.saved_bytes[name] = self.saved_bytes[name] * done // planned
-                    self.gradient_bytes[name] = self.gradient_bytes.get(name, 0) * done // planned
-                    self.runs[name] = done
-            self.frames[plan.graph] = frame
-        self.plans = [p for p in self.plans if p.graph != plan.graph] + [plan]
+        `gradient_bytes` are all of theirs; `handed_on` is one run's)."""
+        self.replace_plan(plan)
         self.saved_bytes[plan.graph] = saved_bytes
         self.handed_on[plan.graph] = handed_on
         self.gradient_bytes[plan.graph] = gradient_bytes
         self.runs[plan.graph] = runs
 
+    def replace_plan(self, plan: Plan) -> None:
+        """`plan` in place of its graph's plan (the byte counts stay)."""
+        self.plans = [p for p in self.plans if p.graph != plan.graph] + [plan]
 
 def partition(
     session: Session,
@@ -311,14 +303,15 @@ def partition(
         )
     options = session.options
     frame = torch_private.current_frame_id()
-    session.frames.setdefault(graph_name, frame)
+    if frame is not None:
+        session.supersede(graph_name, frame)
     gradients = _parameter_gradient_bytes(joint)  # before optimizer= consumes them
     updates = session.graph_updates(joint, graph_parameters)
     joint = apply_optimizer_in_backward(joint, updates)
-    resident = session.resident_gradient_bytes(graph_name, gradients, frame)
-    extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint), frame) + updates.optimizer_state_bytes + resident
+    resident = session.resident_gradient_bytes(graph_name, gradients)
+    extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint)) + updates.optimizer_state_bytes + resident
     # With optimizer= the updates consume gradients in the backward: none is left in .grad.
-    later = session.later_gradient_bytes(graph_name, runs * gradients, frame) if session.optimizer is None else 0
+    later = session.later_gradient_bytes(graph_name, runs * gradients) if session.optimizer is None else 0
     analyses = []
 
     def plan_with(reserved: int):
@@ -347,7 +340,7 @@ def partition(
     # the end of the forward's timeline the plan was judged by.
     forward_steps = forward.meta[_TIMELINES][0]
     handed_on = forward_steps[-1] if forward_steps else 0
-    session.record(plan, runs * handed_on, runs * gradients, frame, handed_on, runs)
+    session.record(plan, runs * handed_on, runs * gradients, handed_on, runs)
     if options.memory_budget_bytes is not None and not _predicted_from_code(forward):
         # The plan was judged in this order, which graphopt's simulation of the FX
         # graphs assumes; Inductor's own peak-memory reordering would move the peak
