@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import logging
 import weakref
 from collections.abc import Callable, Sequence
@@ -23,8 +22,6 @@ from .passes.optimizer_in_backward import GraphParameters
 from .planner import GivenPlan, Session, partition
 from .repeats import RunCounter
 from .trainable import FrozenRowsGuard, GraphTrainable, graph_trainable
-
-_run_ids = itertools.count()  # names a forward run awaiting its backward (Session.open_runs)
 
 log = logging.getLogger("graphopt")
 
@@ -172,10 +169,9 @@ def _once_per_backward(
                 state["open"] = False
                 pending -= 1
                 session.pending[graph_name] = pending
-                session.open_runs.pop(key, None)
+                session.open_runs.discard(done)
 
-        key = next(_run_ids)
-        session.open_runs[key] = done
+        session.open_runs.add(done)
 
         def freed() -> None:
             state["alive"] -= 1

@@ -135,7 +135,7 @@ class Session:
     pending: dict[str, int] = dataclasses.field(default_factory=dict)
     # Each forward run whose backward has not come -> what closes it (backend._once_per_backward):
     # a call that fails drops its runs (``abandon_runs``), whose saved tensors go with it.
-    open_runs: dict[int, Callable[[], None]] = dataclasses.field(default_factory=dict)
+    open_runs: set[Callable[[], None]] = dataclasses.field(default_factory=set)
     handed_on: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name: what one run's forward keeps
     gradient_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # its parameters' gradients
     runs: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name: the runs it was planned for
@@ -161,12 +161,12 @@ class Session:
             return GraphUpdates({}, 0)
         return self.optimizer.updates_for(joint, graph_parameters)
 
-    def abandon_runs(self, since: set[int]) -> None:
-        """Close the runs opened since `since` (the open runs' keys before a call that
-        raised): their saved tensors die with the call's exception, and no backward
-        will come to close them."""
-        for key in [key for key in self.open_runs if key not in since]:
-            self.open_runs[key]()
+    def abandon_runs(self, since: set[Callable[[], None]]) -> None:
+        """Close the runs opened since `since` (the open runs before a call that raised):
+        their saved tensors die with the call's exception, and no backward will come to
+        close them."""
+        for close in self.open_runs - since:
+            close()
 
     def supersede(self, graph: str, frame: object) -> None:
         """`graph` is a new version of `frame` (Dynamo compiled it again: a new shape, a
