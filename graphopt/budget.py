@@ -66,10 +66,8 @@ def least_budget_shown(num_bytes: float) -> int:
     least budget graphopt reports is one a user can type back as printed ("30.19 GB"
     for 30,183,400,000 bytes, where "30.18 GB" would fall short of it)."""
     needed = math.ceil(num_bytes)
-    unit = 1
-    while needed >= 1000 * unit and unit < 10**12:
-        unit *= 1000
-    step = max(unit // 100, 1)
+    scale, unit = _unit(needed)
+    step = 1 if unit == "B" else scale // 100  # format_bytes prints two decimals past bytes
     shown = -(-needed // step) * step
     while parse_budget(format_bytes(shown)) < needed:  # a decimal the float parse rounds down
         shown += step
@@ -79,9 +77,16 @@ def least_budget_shown(num_bytes: float) -> int:
 def format_bytes(num_bytes: float) -> str:
     """Human-readable decimal units, as users write budgets ("1.23 GB")."""
     sign = "-" if num_bytes < 0 else ""
-    value = abs(float(num_bytes))
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{sign}{value:.0f} {unit}" if unit == "B" else f"{sign}{value:.2f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
+    scale, unit = _unit(abs(float(num_bytes)))
+    value = abs(float(num_bytes)) / scale
+    return f"{sign}{value:.0f} {unit}" if unit == "B" else f"{sign}{value:.2f} {unit}"
+
+
+def _unit(num_bytes: float) -> tuple[int, str]:
+    """The decimal unit `format_bytes` shows `num_bytes` in, and its size in bytes."""
+    scale = 1
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 * scale:
+            return scale, unit
+        scale *= 1000
+    return scale, "TB"
