@@ -755,8 +755,12 @@ def test_a_block_frame_compiled_again_per_block_counts_each_run_once():
 
     def head_plan(indexed: bool) -> graphopt.Plan:
         torch.manual_seed(0)
-        compiled = graphopt.compile(_BlocksAndHead(indexed), memory_budget="200MB", compiler="eager")
+        model = _BlocksAndHead(indexed)
+        eager = copy.deepcopy(model)
+        compiled = graphopt.compile(model, memory_budget="200MB", compiler="eager")
         _break_in_every_block_step(compiled, x)
+        eager(x).backward()
+        assert_grads_equal(eager, model)
         plans = graphopt.plans(compiled)
         assert len(plans) >= (5 if indexed else 3), [plan.graph for plan in plans]
         return plans[-1]
