@@ -257,7 +257,7 @@ def _plans(step_fn) -> list:
 
 def _side_stream_used(device: str) -> bool | None:
     try:
-        from graphopt.passes import offload as offload_ops
+        from graphopt.ops import offload as offload_ops
     except ImportError:
         return None
     return any(getattr(key, "type", None) == device for key in getattr(offload_ops, "_side_streams", {}))

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from .cost_models import HardwareProfile
-from .passes.quantize import can_quantize, quantized_bytes, relative_squared_error
+from .ops.quantize import can_quantize, quantized_bytes, relative_squared_error
 from .problem import OFFLOAD, OFFLOAD_QUANTIZED, QUANTIZE, Alternative
 
 # Smaller tensors are not worth the extra kernels (or the program's extra columns).
@@ -126,7 +126,7 @@ class AlternativePricer:
 
         When the whole backward before it cannot, the copy starts at the first use and
         is exposed whole: started earlier it would hide only part of itself while holding
-        the tensor all that time (``passes.offload.hoist_prefetches`` places it alike).
+        the tensor all that time (``passes.hoist_prefetches`` places it alike).
         """
         for step in range(first_use - 1, self._num_forward - 1, -1):
             if self._cumulative[first_use] - self._cumulative[step] >= transfer_ms:

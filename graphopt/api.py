@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     prediction: str | None = None,
     cost_model: str = "roofline",
     reorder: bool = False,
+    disable_passes: Sequence[str] = (),
     trainable: Any = "all",
     optimizer: torch.optim.Optimizer | None = None,
     accumulation_steps: int = 1,
@@ -70,6 +72,11 @@ def compile(  # noqa: A001 - mirrors torch.compile
     ``reorder=True`` reorders each graph for a lower simulated peak where that beats
     Inductor's heuristics, and judges plans on the reordered graphs; off by default,
     since Inductor does not always deliver the simulated gain (docs/reorder.md).
+    ``disable_passes=["hoist_prefetches"]`` skips graph passes by name
+    (``graphopt.passes.PIPELINE`` lists them in order, with what each does); each plan
+    lists the passes that ran on its graph. ``lower_saves`` disabled leaves the program
+    keep or recompute only; a pass that carries out ``trainable=`` or ``optimizer=``
+    cannot be disabled while that option is set.
     ``trainable`` picks what fine-tuning trains: ``"all"``, ``"bias"``, glob patterns of
     parameter names, ``{"last_blocks": k}``, or ``{pattern: fraction}`` for the first
     fraction of a weight's output channels; the rest gets no gradient and the backward
@@ -113,6 +120,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         **({"prediction": prediction} if prediction is not None else {}),
         cost_model=cost_model,
         reorder=reorder,
+        disable_passes=disable_passes,
         trainable=trainable,
         optimizer=optimizer,
         accumulation_steps=accumulation_steps,

@@ -18,7 +18,7 @@ from .chunking import compile_with_chunking
 from .config import Options, make_options
 from .cost_models.memory import concrete_size
 from .errors import GraphoptError, RepeatedGraphError, ShapeAbovePlanError
-from .passes.optimizer_in_backward import GraphParameters
+from .ops.apply_update import GraphParameters
 from .planner import GivenPlan, Session, partition
 from .repeats import RunCounter
 from .trainable import FrozenRowsGuard, GraphTrainable, graph_trainable

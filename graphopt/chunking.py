@@ -21,8 +21,9 @@ import torch.fx as fx
 from .budget import format_bytes
 from .cost_models.hardware import HardwareProfile
 from .errors import BudgetInfeasibleError, ReplanEarlierGraphs
+from .passes import DISABLED, DYNAMO, PassRun, in_pipeline_order, run_stage
 from .passes.chunk_loss import LossRegion, chunk_loss, find_loss_regions
-from .plan import Chunking
+from .plan import Chunking, Plan
 from .planner import Session
 
 # Chunk counts tried, in order, once the graph fits no plan unchunked.
@@ -32,30 +33,48 @@ MIN_CHUNK_TOKENS = 16
 # Kernels one chunk adds (logits matmul, softmax reductions, gradient, two matmuls, sums).
 KERNELS_PER_CHUNK = 8
 
+CHUNK_LOSS = "chunk_loss"  # the pass (graphopt/passes/__init__.py PIPELINE)
 CompileGraph = Callable[[fx.GraphModule], Callable]
 T = TypeVar("T")
 
 
 def compile_with_chunking(session: Session, graph_name: str, graph_module: fx.GraphModule, compile_graph: CompileGraph) -> Callable:
     """``compile_graph(graph_module)``, or of a copy with its head + loss chunked when
-    the budget needs it. Without a budget, or without a recognised region, the graph
-    is compiled as it is, and so is one given a saved plan (made for the graph as it is)."""
-    planned = session.options.memory_budget_bytes is not None and graph_name not in session.given
+    the budget needs it (the pipeline's dynamo stage: the chunk_loss pass). Without a
+    budget, without a recognised region, or with chunk_loss disabled, the graph is
+    compiled as it is, and so is one given a saved plan (made for the graph as it is)."""
+    options = session.options
+    disabled = CHUNK_LOSS in options.disabled_passes
+    planned = options.memory_budget_bytes is not None and graph_name not in session.given and not disabled
     regions = find_loss_regions(graph_module) if planned else []
+    decisions: list[Chunking] = []
     if not regions:
-        return compile_graph(graph_module)
+        compiled = compile_graph(graph_module)
+    else:
 
-    def attempt(chunks: int) -> Callable:
-        if chunks == 1:
-            return compile_graph(graph_module)
-        chunked = [region.loss for region in regions if region.unchunkable is None]
-        return compile_graph(chunk_loss(graph_module, dict.fromkeys(chunked, chunks)).graph_module)
+        def attempt(chunks: int) -> Callable:
+            chunked = [region.loss for region in regions if region.unchunkable is None]
 
-    compiled, decisions = fit_with_chunking(attempt, lambda: regions, session.options.hardware)
+            def chunk(graph: fx.GraphModule):
+                return (chunk_loss(graph, dict.fromkeys(chunked, chunks)).graph_module, f"x{chunks}") if chunks > 1 else None
+
+            rewritten, _ = run_stage(DYNAMO, graph_module, {CHUNK_LOSS: chunk}, options.disabled_passes)
+            return compile_graph(rewritten)
+
+        compiled, decisions = fit_with_chunking(attempt, lambda: regions, options.hardware)
     for plan in session.plans:  # the plan the graph was just given
         if plan.graph == graph_name:
-            session.replace_plan(dataclasses.replace(plan, chunking=tuple(decisions)))
+            session.replace_plan(with_chunking(plan, decisions, disabled=disabled))
     return compiled
+
+
+def with_chunking(plan: Plan, decisions: Sequence[Chunking], *, disabled: bool) -> Plan:
+    """`plan` with its chunk decisions, and the chunk_loss pass among its passes when it
+    chunked a region (or was disabled)."""
+    chunks = max((decision.chunks for decision in decisions), default=1)
+    run = PassRun(CHUNK_LOSS, DISABLED) if disabled else PassRun(CHUNK_LOSS, f"x{chunks}") if chunks > 1 else None
+    passes = in_pipeline_order((*plan.passes, run)) if run is not None else plan.passes
+    return dataclasses.replace(plan, chunking=tuple(decisions), passes=passes)
 
 
 def fit_with_chunking(

@@ -32,7 +32,8 @@ from .blocks import ComposedPlanner
 from .budget import format_bytes
 from .config import Options, make_options
 from .errors import BudgetInfeasibleError, GraphoptError
-from .passes.quantize import FP8
+from .ops.quantize import FP8
+from .passes import PASS_NAMES
 from .plan import Plan, format_plan
 
 JSON_SCHEMA = "graphopt.plans/1"
@@ -140,6 +141,14 @@ def _parser() -> argparse.ArgumentParser:
         help="let the planner quantize to this width only (fp8: float8_e4m3fn codes)",
     )
     plan.add_argument(
+        "--disable-passes",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=[],
+        metavar="NAMES",
+        help="graph passes to skip, comma-separated, as graphopt.compile(disable_passes=): "
+        + ", ".join(PASS_NAMES),
+    )
+    plan.add_argument(
         "--ddp",
         action="store_true",
         help="plan one DistributedDataParallel rank's step: build()'s batch is the rank's, the budget is per rank, "
@@ -156,6 +165,7 @@ def plan_command(args: argparse.Namespace) -> int:
         "trainable": parse_trainable_spec(args.trainable),
         "allow_lossy": args.allow_lossy,
         "quantize_bits": args.quantize_bits,
+        "disable_passes": args.disable_passes,
     }
     options = make_options(
         memory_budget=args.budget, hardware=args.hardware, solver_time_limit_s=args.time_limit, **features

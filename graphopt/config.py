@@ -10,9 +10,10 @@ import torch
 from .budget import parse_budget
 from .cost_models import HardwareProfile, get_hardware
 from .errors import GraphoptError, PlanMismatchError
+from .ops.apply_update import check_optimizer
+from .ops.quantize import FP8
+from .passes import check_disabled
 from .plan import load_plans
-from .passes.optimizer_in_backward import check_optimizer
-from .passes.quantize import FP8
 from .trainable import TrainableSpec, parse_trainable
 
 COMPILERS = ("inductor", "eager")
@@ -60,14 +61,16 @@ class Options:
     # Milliseconds the objective charges per unit of expected relative squared error a
     # quantized tensor carries (about 5e-5 at int8, 7e-4 at fp8, 0.017 at int4, 0.8 at int2).
     lossy_error_weight_ms: float = 1000.0
-    # Memory-aware reordering of the split graphs (graphopt/passes/reorder.py). Off by
+    # Memory-aware reordering of the split graphs (graphopt/passes/reorder_graph.py). Off by
     # default: on a recompute-heavy ViT plan its simulated gain (34 -> 25 MB) was not what
     # Inductor delivered (64 MB measured), which breaks the budget (docs/reorder.md).
     reorder: bool = False
+    # Passes of graphopt/passes/ PIPELINE not to run (disable_passes=), by name.
+    disabled_passes: frozenset[str] = frozenset()
     # Which parameters train (graphopt/trainable.py); None: all of them.
     trainable: TrainableSpec | None = None
     # optimizer=: a torch.optim.Optimizer whose updates run inside the backward
-    # (graphopt/passes/optimizer_in_backward.py). Compared and keyed by identity.
+    # (graphopt/ops/apply_update.py). Compared and keyed by identity.
     optimizer: Any = dataclasses.field(default=None, compare=False)
     # plan=: decisions to apply instead of solving (a saved plan), by graph name:
     # ((graph, made by torch's min-cut, ((decision key, action), ...)), ...).
@@ -95,6 +98,7 @@ class Options:
                 self.quantize_bits,
                 self.lossy_error_weight_ms,
                 self.reorder,
+                tuple(sorted(self.disabled_passes)),
                 self.trainable,
                 _identity(self.optimizer),
                 self.given,
@@ -120,6 +124,7 @@ _ACCEPTED = (
     "quantize_bits",
     "lossy_error_weight_ms",
     "reorder",
+    "disable_passes",
     "trainable",
     "optimizer",
     "plan",
@@ -157,6 +162,12 @@ def make_options(settings: dict[str, Any] | None = None, **overrides: Any) -> Op
     headroom = float(merged.get("prediction_headroom", _DEFAULT_HEADROOM[compiler, prediction]))
     if not 0 <= headroom < 1:
         raise GraphoptError(f"prediction_headroom={headroom} must lie in [0, 1)")
+    reorder = bool(merged.get("reorder", False))
+    trainable = parse_trainable(merged.get("trainable", "all"))
+    optimizer = _checked_optimizer(merged.get("optimizer"))
+    disabled = check_disabled(merged.get("disable_passes", ()), {"trainable=": trainable is not None, "optimizer=": optimizer is not None})
+    if reorder and "reorder_graph" in disabled:
+        raise GraphoptError("reorder=True asks for the reorder_graph pass that disable_passes disables; choose one")
     return Options(
         memory_budget_bytes=budget,
         hardware=hardware,
@@ -172,9 +183,10 @@ def make_options(settings: dict[str, Any] | None = None, **overrides: Any) -> Op
         cost_model=cost_model,
         quantize_bits=_lossy_bits(merged.get("allow_lossy", False), merged.get("quantize_bits"), hardware),
         lossy_error_weight_ms=_error_weight(merged.get("lossy_error_weight_ms", 1000.0)),
-        reorder=bool(merged.get("reorder", False)),
-        trainable=parse_trainable(merged.get("trainable", "all")),
-        optimizer=_checked_optimizer(merged.get("optimizer")),
+        reorder=reorder,
+        disabled_passes=disabled,
+        trainable=trainable,
+        optimizer=optimizer,
         given=given_decisions(merged.get("plan")),
         check_budget=_flag("check_budget", merged.get("check_budget", True)),
     )

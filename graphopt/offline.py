@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from . import torch_private
-from .chunking import fit_with_chunking
+from .chunking import CHUNK_LOSS, fit_with_chunking, with_chunking
 from .blocks import TRACED_BLOCKS, ComposedPlanner, find_repeated_blocks, with_blocks
 from .config import Options, make_options
 from .cost_models import HardwareProfile
@@ -88,11 +88,12 @@ def plan_chunked(options: Options, trace_and_plan: Callable[[int, list[LossRegio
     """``trace_and_plan(chunks, loss_regions)``'s plans with the head + cross-entropy
     whole, or, under a budget that no such plan meets, in the fewest chunks that meet
     it (graphopt/chunking.py); the plans say which and why."""
-    if options.memory_budget_bytes is None:
-        return trace_and_plan(1, [])
+    disabled = CHUNK_LOSS in options.disabled_passes
+    if options.memory_budget_bytes is None or disabled:
+        return [with_chunking(plan, (), disabled=disabled) for plan in trace_and_plan(1, [])]
     found: list[LossRegion] = []
     plans, decisions = fit_with_chunking(lambda chunks: trace_and_plan(chunks, found), lambda: found, options.hardware)
-    return [dataclasses.replace(plan, chunking=tuple(decisions)) for plan in plans]
+    return [with_chunking(plan, decisions, disabled=False) for plan in plans]
 
 
 def options_for(model: torch.nn.Module, *, ddp: bool = False, **settings: Any) -> Options:

@@ -20,6 +20,7 @@ JSON schema (``Plan.to_json``), version 2::
                      "peak_after_bytes": int, "inductor_reorder": bool}, ...],
      "chunking": [{"region": str, "chunks": int, "full_bytes": int, "chunk_bytes": int,
                    "added_ms": float, "reason": str}, ...],
+     "passes": [{"name": str, "report": str}, ...],
      "pruning": null | {"frozen_parameters": [str, ...], "partial_parameters": [str, ...],
                         "saved_bytes_before": int, "saved_bytes_after": int,
                         "backward_flops_before": float, "backward_flops_after": float,
@@ -31,6 +32,9 @@ squared error (0 for exact decisions); a decision without them loads as exact.
 ``reordering`` is empty when reordering is off; a plan without it loads as such.
 ``chunking`` lists the head + cross-entropy regions found under a budget (``chunks`` 1:
 left whole, with the reason); a plan without it loads as none.
+``passes`` names the passes (graphopt/passes/ ``PIPELINE``) that ran on the graph, in
+order, each with what it reported ("disabled" for those ``disable_passes=`` skipped); a
+plan without it loads as none.
 ``pruning`` is null unless ``trainable=`` froze something; a plan without it loads as null.
 ``key`` names a candidate across retraces and carries its dtype and shape
 (``blocks.0.mlp.fc1: addmm #0 float32[8,64]``), so a plan made for other shapes does not
@@ -49,6 +53,7 @@ from typing import Any
 
 from .budget import format_bytes
 from .errors import GraphoptError, PlanMismatchError
+from .passes import PassRun
 
 SCHEMA = "graphopt.plan/2"
 # Schemas of plans an older graphopt wrote, which cannot be checked against a graph.
@@ -147,6 +152,9 @@ class Plan:
     torch_version: str = ""  # torch.__version__ of the planning process
     assumptions: tuple[str, ...] = ()  # what graphopt assumed where it could not know
     chunking: tuple[Chunking, ...] = ()  # head + loss regions found under a budget
+    # The passes of graphopt/passes/ PIPELINE that ran on the graph, in order, with what
+    # each reported; those disable_passes= skipped, reported "disabled".
+    passes: tuple[PassRun, ...] = ()
 
     def saved_nodes(self) -> set[str]:
         return {d.node for d in self.decisions if d.action == "keep"}
@@ -158,6 +166,7 @@ class Plan:
         data["reordering"] = [dataclasses.asdict(r) for r in self.reordering]
         data["assumptions"] = list(self.assumptions)
         data["chunking"] = [dataclasses.asdict(c) for c in self.chunking]
+        data["passes"] = [dataclasses.asdict(p) for p in self.passes]
         return {"schema": SCHEMA, **data}
 
     @classmethod
@@ -175,6 +184,7 @@ class Plan:
         fields["reordering"] = tuple(GraphReordering(**r) for r in fields.get("reordering", ()))
         fields["assumptions"] = tuple(fields.get("assumptions", ()))
         fields["chunking"] = tuple(Chunking(**c) for c in fields.get("chunking", ()))
+        fields["passes"] = tuple(PassRun(**p) for p in fields.get("passes", ()))
         pruning = fields.get("pruning")
         fields["pruning"] = _pruning_from_json(pruning) if pruning else None
         return cls(**fields)
@@ -223,6 +233,8 @@ def format_plan(plan: Plan, *, max_rows: int = 40) -> str:
         + "".join(f", {count} {label} ({format_bytes(size)})" for label, count, size in _by_action(moved))
     )
     lines.extend(f"  assumed: {assumption}" for assumption in plan.assumptions)
+    if plan.passes:
+        lines.append(format_passes(plan.passes))
     lines.extend(format_chunking(c) for c in plan.chunking)
     if any(d.error for d in plan.decisions):
         lines.append(f"  lossy: expected relative squared error {sum(d.error for d in plan.decisions):.3g} summed over tensors")
@@ -248,6 +260,11 @@ def _by_action(decisions: list[Decision]) -> list[tuple[str, int, int]]:
     for decision in decisions:
         groups.setdefault(decision.label, []).append(decision)
     return [(label, len(group), sum(d.bytes for d in group)) for label, group in sorted(groups.items())]
+
+
+def format_passes(passes: tuple[PassRun, ...]) -> str:
+    """``passes: prune_frozen (2 frozen, 0 partly trained), lower_saves (3 offloaded or quantized), ...``."""
+    return "  passes: " + ", ".join(f"{run.name} ({run.report})" if run.report else run.name for run in passes)
 
 
 def format_chunking(chunking: Chunking) -> str:

@@ -29,11 +29,15 @@ from .cost_models import MeasuredCostModel, estimate_node_cost
 from .cost_models.memory import graph_timeline, storage_owner, value_bytes
 from .cost_models.wrapper_memory import returned_names, returned_strides, wrapper_timeline
 from .errors import BudgetInfeasibleError, GraphoptError, PlanMismatchError, ReplanEarlierGraphs
-from .passes.optimizer_in_backward import GraphParameters, GraphUpdates, OptimizerInBackward, apply_optimizer_in_backward, place_updates
-from .passes.reorder import reorder_graph
-from .passes.lower_saves import lower_saves
-from .passes.offload import hoist_prefetches
+from .ops.apply_update import APPLY_UPDATE, GraphParameters, GraphUpdates, OptimizerInBackward
+from .ops.offload import PREFETCH
+from .passes import DECIDED, JOINT, SPLIT, PassRun, in_pipeline_order, run_stage
+from .passes.hoist_prefetches import hoist_prefetches
+from .passes.insert_updates import insert_updates
+from .passes.lower_saves import LoweredSaves, lower_saves
+from .passes.place_updates import place_updates
 from .passes.prune_frozen import prune_frozen
+from .passes.reorder_graph import reorder_graph
 from .plan import Decision, GraphReordering, Plan, width_label
 from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, action_error, check_actions, action_ms, memory_timeline, parse_action, redo_ms
 from .solver import least_peak, solve
@@ -148,7 +152,7 @@ class Session:
     # compile, whose every graph is new): min-cut runs each time.
     min_cuts: dict[tuple, tuple[fx.GraphModule, fx.GraphModule]] | None = None
     _measured: MeasuredCostModel | None = None
-    # optimizer=: parameter updates run inside the backward (passes/optimizer_in_backward.py)
+    # optimizer=: parameter updates run inside the backward (ops/apply_update.py, passes/insert_updates.py)
     optimizer: OptimizerInBackward | None = dataclasses.field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -293,21 +297,30 @@ def partition(
     joint = torch_private.prepare_joint_graph(
         joint_module, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_lifetime_input_indices
     )
+    options = session.options
+    updates = session.graph_updates(joint, graph_parameters)
     pruning = None
-    if trainable is not None and trainable.rows:
-        joint, pruning = prune_frozen(joint, trainable)
-    if not torch_private.has_backward(joint):
+
+    def prune(graph):
+        nonlocal pruning
+        if trainable is None or not trainable.rows:
+            return None
+        graph, pruning = prune_frozen(graph, trainable)
+        return graph, f"{len(pruning.frozen_parameters)} frozen, {len(pruning.partial_parameters)} partly trained"
+
+    def insert(graph):
+        return (insert_updates(graph, updates), f"{len(updates.slots)} updates") if updates.slots else None
+
+    joint, joint_passes = run_stage(JOINT, joint, {"prune_frozen": prune, "insert_updates": insert}, options.disabled_passes)
+    if not torch_private.has_backward(joint) and not _updates(joint.module):  # pruning can leave no gradient
         return torch_private.default_partition(
             joint.module, joint_inputs, num_fwd_outputs=num_fwd_outputs,
             static_lifetime_input_indices=static_lifetime_input_indices,
         )
-    options = session.options
     frame = torch_private.current_frame_id()
     if frame is not None:
         session.supersede(graph_name, frame)
-    gradients = _parameter_gradient_bytes(joint)  # before optimizer= consumes them
-    updates = session.graph_updates(joint, graph_parameters)
-    joint = apply_optimizer_in_backward(joint, updates)
+    gradients = _parameter_gradient_bytes(joint)
     resident = session.resident_gradient_bytes(graph_name, gradients)
     extra = session.other_graphs_bytes(graph_name, parameter_bytes(joint)) + updates.optimizer_state_bytes + resident
     # With optimizer= the updates consume gradients in the backward: none is left in .grad.
@@ -332,7 +345,7 @@ def partition(
         reserved, (plan, forward, backward) = _plan_for_runs(plan_with, runs)
     except BudgetInfeasibleError as error:  # beside the last reserve for its earlier runs it tried
         raise session.replan_request(graph_name, analyses[-1], error) from None
-    plan = dataclasses.replace(plan, pruning=pruning)
+    plan = dataclasses.replace(plan, pruning=pruning, passes=in_pipeline_order(joint_passes + plan.passes))
     plan = _with_optimizer_memory(plan, updates)
     plan = _shown_apart(plan, "accumulated gradients", resident)
     plan = _shown_apart(plan, "its earlier runs", reserved)
@@ -458,8 +471,7 @@ def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options, me
     It is the fastest cut torch knows (it also weighs fusion, which our cost model does
     not), so whenever it fits the budget graphopt takes it and adds no time.
     """
-    forward, backward = _min_cut(joint, joint_inputs, memo)
-    backward = place_updates(backward, joint)
+    forward, backward = _split_passes(joint, analysis, options, _min_cut(joint, joint_inputs, memo))
     saved = {n.name for n in backward.graph.find_nodes(op="placeholder")}
     recomputed = {n.name for n in backward.graph.nodes if n.op == "call_function"}
     actions = tuple(
@@ -469,8 +481,6 @@ def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options, me
     timeline = memory_timeline(analysis.problem, actions)
     added_ms = sum(c.recompute_ms for c, a in zip(analysis.problem.candidates, actions) if a == RECOMPUTE)
     solution = Solution(actions, max(timeline), added_ms, "torch-min-cut")
-    if options.reorder:
-        _reorder(analysis, forward, backward)
     return solution, forward, backward, _simulate(joint, analysis, forward, backward, options)
 
 
@@ -648,15 +658,22 @@ def _shown_apart(plan: Plan, line: str, size: int) -> Plan:
 
 
 def _parameter_gradient_bytes(joint) -> int:
-    """Bytes of the gradients the backward returns for the graph's parameters (its
-    static-lifetime inputs): what ``.grad`` holds after it."""
+    """Bytes of the gradients the backward computes for the graph's parameters (its
+    static-lifetime inputs): what ``.grad`` holds after it, or, with optimizer=, what the
+    updates inside it consume."""
     outputs = list(joint.module.graph.output_node().args[0])
     gradients = outputs[len(outputs) - len(joint.primals):]
+    updated = {update.args[0] for update in _updates(joint.module)}
     return sum(
         value_bytes(primal.meta.get("val"))
         for primal, gradient in zip(joint.primals, gradients)
-        if gradient is not None and primal in joint.static_inputs
+        if (gradient is not None or primal in updated) and primal in joint.static_inputs
     )
+
+
+def _updates(graph_module: fx.GraphModule) -> list[fx.Node]:
+    """The optimizer updates in a graph (``optimizer=``; passes/insert_updates.py)."""
+    return graph_module.graph.find_nodes(op="call_function", target=APPLY_UPDATE)
 
 
 def _count_input_copies(analysis: Analysis, copies: dict[str, int]) -> Analysis:
@@ -800,6 +817,8 @@ def _usable(options: Options) -> int:
 def alternative_settings(options: Options) -> AlternativeSettings:
     """The offload / quantize choices the options allow: lossy widths only when the user
     opted in; offload only where a host link can pay (not on a CPU)."""
+    if "lower_saves" in options.disabled_passes:  # the pass that carries both out
+        return AlternativeSettings(quantize_bits=(), offload=False)
     offload = options.hardware is not None and options.hardware.device_type != "cpu"
     return AlternativeSettings(quantize_bits=options.quantize_bits, offload=offload)
 
@@ -821,22 +840,70 @@ def _solve_without_budget(joint, analysis: Analysis, options: Options, clock: Pl
 
 
 def _split_and_simulate(joint, analysis: Analysis, solution: Solution, options: Options):
+    """The split the solution makes of `joint`, through the pipeline's decided and split
+    stages (graphopt/passes/), and its simulated peak. The passes that ran are kept in
+    the forward's meta (`_PASSES`) for the plan."""
     saved = saved_nodes(joint, analysis, solution.actions)
-    if all(action in (KEEP, RECOMPUTE, DROP) for action in solution.actions):
-        forward, backward = torch_private.split_joint_graph(joint, saved)
-    else:  # offload / quantize: split a copy of the joint graph that carries them
+    lossy = [action for action in solution.actions if action not in (KEEP, RECOMPUTE, DROP)]
+    if lossy and "lower_saves" in options.disabled_passes:
+        raise GraphoptError(
+            f"the plan offloads or quantizes {len(lossy)} tensor(s) (a saved plan, or the model's own offload "
+            "tags), and disable_passes names lower_saves, which carries that out"
+        )
+
+    def lower(decided: LoweredSaves):
+        if not lossy:
+            return None
         lowered = lower_saves(joint, saved, analysis.candidate_nodes, solution.actions, host_is_device=analysis.host_is_device)
-        forward, backward = torch_private.split_joint_graph(joint, lowered.saved, lowered.module)
+        return lowered, f"{lowered.lowered} offloaded or quantized"
+
+    decided, decided_runs = run_stage(
+        DECIDED, LoweredSaves(joint.module, saved, 0), {"lower_saves": lower}, options.disabled_passes
+    )
+    split = torch_private.split_joint_graph(joint, decided.saved, decided.module)
+    forward, backward = _split_passes(joint, analysis, options, split, decided_runs)
+    return forward, backward, _simulate(joint, analysis, forward, backward, options)
+
+
+def _split_passes(joint, analysis: Analysis, options: Options, split, decided_runs: tuple[PassRun, ...] = ()):
+    """The split stage of the pipeline on a split (forward, backward), after the decided
+    stage's `decided_runs`. The runs of both stages are kept in the forward's meta
+    (`_PASSES`) for the plan."""
+
+    def hoist(split):
+        forward, backward = split
+        if not backward.graph.find_nodes(op="call_function", target=PREFETCH):
+            return None
         node_ms = lambda node: estimate_node_cost(node, options.hardware).ms  # noqa: E731
         owned = _backward_owned_inputs(analysis, backward)
         timeline = lambda graph_module: graph_timeline(graph_module, owned)  # noqa: E731
-        if hoist_prefetches(backward, node_ms, options.hardware.host_link_bytes_per_s, timeline):
+        moved = hoist_prefetches(backward, node_ms, options.hardware.host_link_bytes_per_s, timeline)
+        if moved:
             # Inductor's peak-memory reordering would sink the early copies back to their use.
             torch_private.keep_order_through_inductor(backward)
-    backward = place_updates(backward, joint)
-    if options.reorder:
-        _reorder(analysis, forward, backward)
-    return forward, backward, _simulate(joint, analysis, forward, backward, options)
+        return split, f"{moved} moved"
+
+    def place(split):
+        forward, backward = split
+        if not _updates(backward):
+            return None
+        return (forward, place_updates(backward, joint)), ""
+
+    def reorder(split):
+        if not options.reorder:
+            return None
+        reordering = _reorder(analysis, *split)
+        saved_bytes = sum(r.peak_before_bytes - r.peak_after_bytes for r in reordering)
+        return split, f"saves {format_bytes(saved_bytes)}"
+
+    (forward, backward), split_runs = run_stage(
+        SPLIT, split, {"hoist_prefetches": hoist, "place_updates": place, "reorder_graph": reorder}, options.disabled_passes
+    )
+    forward.meta[_PASSES] = (*decided_runs, *split_runs)
+    return forward, backward
+
+
+_PASSES = "graphopt_passes"  # forward.meta key: the decided and split stages' runs (passes.PassRun)
 
 
 def _simulate(joint, analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule, options: Options) -> int:
@@ -972,7 +1039,7 @@ _REORDERING = "graphopt_reordering"  # forward.meta key: what `_reorder` did to 
 
 
 def _reorder(analysis: Analysis, forward: fx.GraphModule, backward: fx.GraphModule) -> tuple[GraphReordering, ...]:
-    """Memory-aware order of both graphs, in place (graphopt/passes/reorder.py).
+    """Memory-aware order of both graphs, in place (graphopt/passes/reorder_graph.py).
 
     A graph whose order graphopt changed beat Inductor's own heuristics on the
     simulation, so Inductor is told to keep it; otherwise Inductor reorders as usual.
@@ -1134,6 +1201,7 @@ def build_plan(
         reordering=reordering,
         torch_version=torch.__version__,
         assumptions=tuple(dict.fromkeys([*assumptions, *filter(None, [forward.meta.get(_PREDICTION_FALLBACK)])])),
+        passes=forward.meta.get(_PASSES, ()),
     )
 
 

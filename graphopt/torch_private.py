@@ -645,7 +645,7 @@ class UserCodeMode(TorchFunctionMode):
 
 
 # ----------------------------------------------------------------------------- memory-aware reordering
-# What pins a node's place when graphopt reorders a graph (graphopt/passes/reorder.py),
+# What pins a node's place when graphopt reorders a graph (graphopt/passes/reorder_graph.py),
 # and how a graph graphopt reordered keeps that order through Inductor.
 
 # Set on a forward/backward module whose order graphopt chose over Inductor's own.

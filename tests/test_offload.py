@@ -15,7 +15,8 @@ import graphopt
 from graphopt.alternatives import AlternativePricer, Lifetime
 from graphopt.config import make_options
 from graphopt.cost_models import get_hardware
-from graphopt.passes import offload as offload_ops
+from graphopt.ops import offload as offload_ops
+from graphopt.passes.hoist_prefetches import hoist_prefetches
 from graphopt.planner import alternative_settings
 from graphopt.problem import KEEP, OFFLOAD, OFFLOAD_QUANTIZED, Candidate, Problem
 from graphopt.solver import solve
@@ -214,7 +215,7 @@ def test_prefetch_is_hoisted_until_compute_hides_the_copy():
     copy starts three ops before its wait, not next to it."""
     module, prefetch = _backward_with_a_prefetch(compute_nodes=5)
     levels = [0, 0, 0, 0, 0, 0, 0, MB, MB, 2 * MB, 0]  # the peak is the last add's
-    moved = offload_ops.hoist_prefetches(module, lambda node: 0.4, 2**30, timeline=lambda graph_module: levels)
+    moved = hoist_prefetches(module, lambda node: 0.4, 2**30, timeline=lambda graph_module: levels)
     order = list(module.graph.nodes)
     assert moved == 1
     wait = next(iter(prefetch.users))
@@ -226,7 +227,7 @@ def test_prefetch_is_hoisted_until_compute_hides_the_copy():
 def test_a_prefetch_no_compute_can_hide_stays_at_its_use():
     """Hoisted to the top it would hide a fifth of the copy and hold 1 MiB all along."""
     module, prefetch = _backward_with_a_prefetch(compute_nodes=2)
-    assert offload_ops.hoist_prefetches(module, lambda node: 0.1, 2**30, timeline=lambda graph_module: []) == 0
+    assert hoist_prefetches(module, lambda node: 0.1, 2**30, timeline=lambda graph_module: []) == 0
     assert prefetch.next.target is offload_ops.WAIT
 
 
@@ -235,7 +236,7 @@ def test_a_prefetch_that_would_raise_the_peak_stays_at_its_use():
     module, prefetch = _backward_with_a_prefetch(compute_nodes=5)
     levels = [0, 0, 0, 0, 0, 10 * MB, 0, MB, MB, 0, 0]  # host, x, 5 sines, prefetch, wait, add, output
 
-    assert offload_ops.hoist_prefetches(module, lambda node: 0.4, 2**30, timeline=lambda graph_module: levels) == 0
+    assert hoist_prefetches(module, lambda node: 0.4, 2**30, timeline=lambda graph_module: levels) == 0
     assert prefetch.next.target is offload_ops.WAIT
 
 
@@ -245,4 +246,4 @@ def test_a_prefetch_moves_when_the_steps_it_spans_have_room():
     module, prefetch = _backward_with_a_prefetch(compute_nodes=5)
     levels = [0, 0, 0, 10 * MB, 0, 0, 0, MB, MB, 0, 0]
 
-    assert offload_ops.hoist_prefetches(module, lambda node: 0.4, 2**30, timeline=lambda graph_module: levels) == 1
+    assert hoist_prefetches(module, lambda node: 0.4, 2**30, timeline=lambda graph_module: levels) == 1

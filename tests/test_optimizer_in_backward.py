@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt.passes.optimizer_in_backward import OptimizerInBackward
+from graphopt.ops.apply_update import OptimizerInBackward
 
 STEPS = 4
 

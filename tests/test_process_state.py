@@ -18,7 +18,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 import graphopt
 from graphopt import backend as backend_module
-from graphopt.passes import offload as offload_ops
+from graphopt.ops import offload as offload_ops
 from graphopt.solver import least_peak, solve
 from graphopt.trainable import FrozenRowsGuard
 

@@ -16,7 +16,7 @@ from graphopt.alternatives import AlternativePricer, Lifetime
 from graphopt.cli import _parser
 from graphopt.config import make_options
 from graphopt.cost_models import get_hardware
-from graphopt.passes.quantize import FP8, dequantize, quantize, quantized_bytes, relative_squared_error
+from graphopt.ops.quantize import FP8, dequantize, quantize, quantized_bytes, relative_squared_error
 from graphopt.planner import alternative_settings
 from graphopt.problem import (
     KEEP, QUANTIZE, RECOMPUTE, Alternative, Candidate, Problem, evaluate, memory_timeline, parse_action,

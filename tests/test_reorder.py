@@ -1,4 +1,4 @@
-"""Memory-aware reordering (graphopt/passes/reorder.py): valid orders, same results, never a
+"""Memory-aware reordering (graphopt/passes/reorder_graph.py): valid orders, same results, never a
 higher simulated peak, a lower one where order matters, and the `reorder` option.
 
 Synthetic graphs are traced with ``make_fx`` on fake tensors (so nodes carry the
@@ -20,7 +20,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import graphopt
 from conftest import assert_grads_equal, assert_same_training_step, training_step
 from graphopt.cost_models.memory import graph_timeline
-from graphopt.passes.reorder import ORIGINAL, reorder_graph
+from graphopt.passes.reorder_graph import ORIGINAL, reorder_graph
 from graphopt.plan import Plan
 
 SIZE = 64  # every synthetic tensor is SIZE x SIZE fp32: 16 KiB

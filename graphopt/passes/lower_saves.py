@@ -25,8 +25,8 @@ import torch.fx as fx
 from .. import torch_private
 from ..cost_models.memory import HOST_MEMORY
 from ..problem import DROP, KEEP, OFFLOAD, OFFLOAD_QUANTIZED, QUANTIZE, RECOMPUTE, parse_action
-from . import offload as offload_ops
-from .quantize import dequantize, quantize
+from ..ops import offload as offload_ops
+from ..ops.quantize import dequantize, quantize
 
 
 @dataclasses.dataclass(frozen=True)

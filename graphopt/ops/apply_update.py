@@ -1,15 +1,17 @@
-"""Optimizer in backward: each parameter's update runs inside the compiled backward.
+"""Optimizer in backward: the ``graphopt::apply_update`` op and the registry it runs.
 
 With ``graphopt.compile(model, optimizer=opt)`` the user's loop is ``loss = cm(x);
 loss.backward()``: no ``opt.step()``, no ``zero_grad()``. AOTAutograd's compiled backward
 returns every gradient at its very end, so a post-accumulate-grad hook would free nothing
-early; the gradients have to be consumed *inside* the backward graph. After the split,
-`apply_optimizer_in_backward` rewrites the backward graph: for each gradient of a
-parameter the optimizer manages it inserts ``graphopt::apply_update(param, grad, slot)``
-right after the last read of that parameter (or of a view of it) and after the gradient
-is complete, and returns ``None`` in that gradient's place. The op's schema says it
-writes ``param``, so it is never dead code and Inductor keeps every earlier read of the
-parameter before it; its outputs are none, so the gradient's buffer is freed right after.
+early; the gradients have to be consumed *inside* the backward graph. Two passes put them
+there: ``insert_updates`` (passes/insert_updates.py) adds, for each gradient of a
+parameter the optimizer manages, ``graphopt::apply_update(param, grad, slot)`` to the
+joint graph and returns ``None`` in that gradient's place; ``place_updates``
+(passes/place_updates.py) moves each update in a split backward right after the last read
+of that parameter (or of a view of it) and after the gradient is complete. The op's
+schema says it writes ``param``, so it is never dead code and Inductor keeps every
+earlier read of the parameter before it; its outputs are none, so the gradient's buffer
+is freed right after.
 
 At run time the op looks ``slot`` up in a registry (parameter, optimizer) and runs the
 user's optimizer on that one parameter: ``opt.param_groups`` is swapped for one group
@@ -48,7 +50,7 @@ import torch
 import torch.fx as fx
 
 from .. import torch_private
-from ..cost_models.memory import storage_owner, value_bytes
+from ..cost_models.memory import value_bytes
 from ..errors import GraphoptError
 
 # Optimizers whose step cannot run one parameter at a time.
@@ -81,6 +83,9 @@ def apply_update(parameter: torch.Tensor, gradient: torch.Tensor, slot: int, aft
 @apply_update.register_fake
 def _apply_update_fake(parameter: torch.Tensor, gradient: torch.Tensor, slot: int, after: list[torch.Tensor]) -> None:
     return None
+
+
+APPLY_UPDATE = torch.ops.graphopt.apply_update.default
 
 
 def check_optimizer(optimizer: Any) -> None:
@@ -247,88 +252,6 @@ class GraphUpdates:
 
     slots: Mapping[str, int]  # joint-graph primal name -> slot
     optimizer_state_bytes: int
-
-
-def apply_optimizer_in_backward(joint: torch_private.JointGraph, updates: GraphUpdates) -> torch_private.JointGraph:
-    """The joint graph with each managed gradient consumed by its parameter's update.
-
-    Each update node is tagged to stay in the backward; its gradient output becomes
-    ``None``. In the joint graph it sits after the parameter's last read, which is
-    where the analysis sees the gradient die; `place_updates` places it again in each
-    split backward, whose order differs (recomputation, reordering). Reading the
-    parameter, it also makes every split save the parameter for the backward.
-    """
-    if not updates.slots:
-        return joint
-    graph = joint.module.graph
-    output = graph.output_node()
-    outputs = list(output.args[0])
-    first_gradient = len(outputs) - len(joint.primals)
-    for position, primal in enumerate(joint.primals):
-        slot = updates.slots.get(primal.name)
-        gradient = outputs[first_gradient + position]
-        if slot is None or gradient is None:
-            continue
-        with graph.inserting_after(gradient):
-            update = graph.call_function(torch.ops.graphopt.apply_update.default, (primal, gradient, slot, []))
-        update.meta["val"] = None
-        torch_private.pin_to(update, "backward")
-        outputs[first_gradient + position] = None
-        _place(update, {primal} | {node for node in graph.nodes if storage_owner(node) is primal})
-    output.args = (tuple(outputs),)
-    graph.lint()
-    joint.module.recompile()
-    static_indices = [i for i, p in enumerate(joint.primals) if p in joint.static_inputs]
-    return torch_private.prepare_joint_graph(
-        joint.module, num_fwd_outputs=joint.num_fwd_outputs, static_lifetime_input_indices=static_indices
-    )
-
-
-def place_updates(backward: fx.GraphModule, joint: torch_private.JointGraph) -> fx.GraphModule:
-    """Move each update in a split backward right after the last read of its parameter
-    and the end of its gradient, so the gradient is freed as early as the reads allow.
-
-    The backward's placeholders carry the joint graph's names: a saved forward tensor
-    that is a view of the parameter counts as a read of it.
-    """
-    updates = list(backward.graph.find_nodes(op="call_function", target=torch.ops.graphopt.apply_update.default))
-    if not updates:
-        return backward
-    joint_nodes = {node.name: node for node in joint.module.graph.nodes}
-    placeholders = backward.graph.find_nodes(op="placeholder")
-    for update in updates:
-        parameter = update.args[0]
-        primal = joint_nodes[parameter.name]
-        saved_views = {p for p in placeholders if p.name in joint_nodes and storage_owner(joint_nodes[p.name]) is primal}
-        aliases = {parameter} | saved_views
-        aliases |= {node for node in backward.graph.nodes if storage_owner(node) in aliases}
-        update.args = (*update.args[:3], _readers(update, aliases))
-        _place(update, aliases)
-    backward.graph.lint()
-    backward.recompile()
-    return backward
-
-
-def _readers(update: fx.Node, aliases: set[fx.Node]) -> list[fx.Node]:
-    """The tensors computed from the parameter other than its views (`aliases`), in
-    graph order; a multi-output reader by its ``getitem``s."""
-    users = {user for alias in aliases for user in alias.users} - aliases - {update}
-    tensors = set()
-    for user in users:
-        if isinstance(user.meta.get("val"), (tuple, list)):
-            tensors |= {item for item in user.users if isinstance(item.meta.get("val"), torch.Tensor)}
-        elif user.op == "call_function" and isinstance(user.meta.get("val"), torch.Tensor):
-            tensors.add(user)
-    return [node for node in update.graph.nodes if node in tensors]
-
-
-def _place(update: fx.Node, aliases: set[fx.Node]) -> None:
-    """Move `update` right after its gradient and every other reader of `aliases`."""
-    order = {node: index for index, node in enumerate(update.graph.nodes)}
-    readers = [user for alias in aliases for user in alias.users if user is not update and user.op != "output"]
-    last = max([update.args[1], *readers], key=order.__getitem__)
-    if last.next is not update:
-        last.append(update)
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer, group: dict) -> int:
