@@ -471,7 +471,9 @@ def _torch_default(joint, joint_inputs, analysis: Analysis, options: Options, me
     It is the fastest cut torch knows (it also weighs fusion, which our cost model does
     not), so whenever it fits the budget graphopt takes it and adds no time.
     """
-    forward, backward = _split_passes(joint, analysis, options, _min_cut(joint, joint_inputs, memo))
+    # Min-cut neither offloads nor quantizes: the decided stage has nothing to lower.
+    _, decided_runs = run_stage(DECIDED, None, {"lower_saves": lambda graph: None}, options.disabled_passes)
+    forward, backward = _split_passes(joint, analysis, options, _min_cut(joint, joint_inputs, memo), decided_runs)
     saved = {n.name for n in backward.graph.find_nodes(op="placeholder")}
     recomputed = {n.name for n in backward.graph.nodes if n.op == "call_function"}
     actions = tuple(

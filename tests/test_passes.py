@@ -66,8 +66,9 @@ def test_the_plan_lists_the_passes_that_ran_in_order_and_those_disabled():
     assert plan.passes[0] == PassRun("insert_updates", "12 updates")
     assert "  passes: insert_updates (12 updates), place_updates, reorder_graph (saves " in str(plan)
 
-    plan = _plan(memory_budget="1GB", disable_passes=["chunk_loss", "hoist_prefetches"])
-    assert plan.passes == (PassRun("chunk_loss", DISABLED), PassRun("hoist_prefetches", DISABLED))
+    plan = _plan(memory_budget="1GB", disable_passes=["hoist_prefetches", "chunk_loss", "lower_saves"])
+    assert plan.method == "torch-min-cut"
+    assert plan.passes == tuple(PassRun(name, DISABLED) for name in ("chunk_loss", "lower_saves", "hoist_prefetches"))
     assert graphopt.Plan.from_json(plan.to_json()).passes == plan.passes
 
 
