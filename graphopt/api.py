@@ -169,7 +169,9 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
 
     Under a budget a frame Dynamo will not compile again (its recompile limit, which
     every replan's compile counts against) raises instead of running outside every plan
-    (`torch_private.only_compiled_frames`).
+    (`torch_private.only_compiled_frames`). A frame Dynamo ran eagerly because it could
+    not compile it (`torch_private.frames_run_uncompiled`) is warned about and named in
+    every plan's assumptions (`_ran_eagerly`); a call of which nothing was compiled raises.
     """
     forward = torch_private.compiled_forward(compiled)
     trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -187,8 +189,13 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
             return forward(*args, **kwargs)
         open_before = set(session.open_runs)
         try:
-            with torch_private.only_compiled_frames(replans):
-                return forward(*args, **kwargs)
+            with torch_private.only_compiled_frames(replans), torch_private.frames_run_uncompiled() as uncompiled:
+                result = forward(*args, **kwargs)
+            if uncompiled and not session.plans:
+                raise GraphoptError(f"{_ran_eagerly(uncompiled)}. Nothing of this step was compiled, so nothing is planned.")
+            if uncompiled:
+                session.assume(_ran_eagerly(uncompiled))
+            return result
         except Exception as error:
             # The failed call's forwards will see no backward: the next call may run them again.
             session.abandon_runs(open_before)
@@ -230,6 +237,17 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
             attempts += 1
 
     torch_private.set_compiled_forward(compiled, replanning_forward)
+
+
+def _ran_eagerly(frames: list[str]) -> str:
+    """What a step with frames Dynamo could not compile assumes: their tensors are
+    outside every plan."""
+    return (
+        f"Dynamo could not compile {', '.join(frames)} and runs it eagerly: the tensors its own code makes "
+        "(those of the modules it calls are planned, where Dynamo compiles them) are outside every plan, so the "
+        "measured peak can exceed memory_budget by them. The usual cause is a graph break inside a for/while loop, "
+        "which makes Dynamo skip the whole frame: move it out of the loop (fullgraph=True finds it)"
+    )
 
 
 def _replans_exhausted(request: ReplanEarlierGraphs, replans: int) -> BudgetInfeasibleError:

@@ -274,6 +274,16 @@ class Session:
         """`plan` in place of its graph's plan (the byte counts stay)."""
         self.plans = [p for p in self.plans if p.graph != plan.graph] + [plan]
 
+    def assume(self, assumption: str) -> None:
+        """Something the whole step assumes, found after its graphs were planned: warned
+        about once and listed in every plan's assumptions."""
+        _warn_once(assumption)
+        self.plans = [
+            p if assumption in p.assumptions else dataclasses.replace(p, assumptions=(*p.assumptions, assumption))
+            for p in self.plans
+        ]
+
+
 def partition(
     session: Session,
     graph_name: str,

@@ -444,6 +444,40 @@ def only_compiled_frames(replans: int) -> Any:
     )
 
 
+# How Dynamo records a frame whose tracing failed softly (a graph break inside a for/while
+# loop, among others) among the frames it skips: it then runs that frame eagerly.
+_FAILED_COMPILE_REASONS = (
+    "an error was suppressed during compilation",
+    "compilation failed with a custom frame execution strategy",
+)
+
+
+@contextlib.contextmanager
+def frames_run_uncompiled() -> Any:
+    """A context that collects, as ``"name (file:line)"``, the frames Dynamo tried to
+    compile within it and ran eagerly instead because tracing them failed: a graph break
+    inside a for/while loop makes Dynamo skip the whole frame (``torch._dynamo``'s
+    ``graph break in loop``), so every tensor op in it runs outside the compiled graphs.
+    Frames Dynamo never compiles (torch's own, frames without tensors) are not listed.
+    A frame is traced once: later calls of it are not listed again. Reads Dynamo's
+    thread-local record of skip reasons, which it keeps only while it is a list."""
+    from torch._dynamo import eval_frame
+
+    previous = eval_frame.dynamo_tls.skip_reasons
+    eval_frame.reset_skip_reasons()
+    failed: list[str] = []
+    try:
+        yield failed
+    finally:
+        for reason in eval_frame.get_skip_reasons():
+            frame, _, why = reason.rpartition(": ")
+            if why in _FAILED_COMPILE_REASONS:
+                failed.append(frame)
+        if previous is not None:
+            previous.extend(eval_frame.get_skip_reasons())
+        eval_frame.dynamo_tls.skip_reasons = previous
+
+
 def recompile_limit_hit(error: BaseException) -> bool:
     """Whether `error` is Dynamo's refusal to compile a frame past its recompile limit."""
     from torch._dynamo.exc import FailOnRecompileLimitHit

@@ -682,6 +682,30 @@ def test_a_block_graph_run_once_per_block_is_planned_for_every_run():
     assert "its earlier runs" not in first.memory
     assert rest.memory["its earlier runs"] > 0
     assert rest.memory["other graphs"] >= first.memory.get("inputs", 0)
+    # The loop's frame itself runs eagerly (Dynamo skips it): every plan says so.
+    loop = f"Dynamo could not compile forward ({__file__}:{_BreakInEveryBlock.forward.__code__.co_firstlineno})"
+    assert all(any(loop in assumption for assumption in plan.assumptions) for plan in graphopt.plans(compiled))
+
+
+class _TorchLayersWithABreakInTheLoop(nn.Module):
+    """torch's own layers called in a loop with a graph break: Dynamo skips the loop's
+    frame, and compiles no frame of torch's own on its own, so nothing is compiled."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x).relu()
+            torch._dynamo.graph_break()
+        return x.square().mean()
+
+
+def test_a_step_dynamo_compiles_nothing_of_is_refused_under_a_budget():
+    compiled = graphopt.compile(_TorchLayersWithABreakInTheLoop(), memory_budget="200MB", compiler="eager")
+    with pytest.raises(graphopt.GraphoptError, match=r"could not compile forward \(.*\).*Nothing of this step was compiled"):
+        compiled(torch.randn(32, 64))
 
 
 def test_a_block_graph_run_once_per_block_meets_its_budget_with_inductor():

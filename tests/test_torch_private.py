@@ -60,6 +60,9 @@ PRIVATE_NAMES = [
     ("torch._functorch.partitioners", "default_partition", "default_partition"),
     ("torch._functorch.partitioners", "min_cut_rematerialization_partition", "min_cut_partition"),
     ("torch._functorch.partitioners", "must_recompute", "checkpoint_policy (the 'recompute' meta key)"),
+    ("torch._dynamo.eval_frame", "dynamo_tls", "frames_run_uncompiled"),
+    ("torch._dynamo.eval_frame", "reset_skip_reasons", "frames_run_uncompiled"),
+    ("torch._dynamo.eval_frame", "get_skip_reasons", "frames_run_uncompiled"),
     ("torch._guards", "detect_fake_mode", "generate_wrapper_code / NodeEmitter"),
     ("torch._guards", "TracingContext", "generate_wrapper_code / compiling_ddp_bucket_graph"),
     ("torch._guards", "tracing", "generate_wrapper_code"),
@@ -422,6 +425,24 @@ def test_compiled_forward_routes_calls():
     assert callable(torch_private.compiled_forward(compiled))
     torch_private.set_compiled_forward(compiled, lambda x: "routed")
     assert compiled(torch.randn(1, 2)) == "routed"
+
+
+def test_frames_run_uncompiled_names_a_frame_skipped_for_a_graph_break_in_a_loop():
+    def looping(x: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):
+            x = x.sin()
+            torch._dynamo.graph_break()
+        return x
+
+    compiled = torch.compile(looping, backend="eager")
+    with torch_private.frames_run_uncompiled() as uncompiled:
+        compiled(torch.randn(3))
+    assert uncompiled == [f"looping ({__file__}:{looping.__code__.co_firstlineno})"], (
+        "Dynamo no longer records a frame it could not compile as torch_private._FAILED_COMPILE_REASONS says"
+    )
+    with torch_private.frames_run_uncompiled() as uncompiled:
+        compiled(torch.randn(3))
+    assert uncompiled == []  # the frame is not traced again
 
 
 def test_one_graph_under_ddp_turns_dynamos_ddp_splitting_off_and_back():
