@@ -215,9 +215,19 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
             log.info("a parameter has a .grad as the step starts (gradient accumulation?); planning every "
                      "graph again with the gradients alive from the step's start")
             replan(backend.with_resident_gradients())
+        # What the call's forwards write in place and the RNG, put back if the call must run again.
+        writes = backend.writes
+        writes.call_starts()
+        try:
+            return attempt_call(args, kwargs)
+        finally:
+            writes.call_ends()
+
+    def attempt_call(args: tuple, kwargs: dict) -> Any:
         graphs, attempts = 0, 0  # the most graphs one attempt of this call planned or asked about; replans
         while True:
-            session = getattr(compiled, _SESSION_ATTRIBUTE).session
+            backend = getattr(compiled, _SESSION_ATTRIBUTE)
+            session = backend.session
             forward_runs = session.forward_runs
             try:
                 return call(*args, **kwargs)
@@ -226,14 +236,16 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
                 if attempts >= max(MAX_REPLANS, REPLANS_PER_GRAPH * graphs):
                     raise _replans_exhausted(request, attempts) from request
                 log.info("%s; planning every graph again", request)
-                replan(getattr(compiled, _SESSION_ATTRIBUTE).replanned(request.room_after))
+                backend.writes.undo()  # the earlier graphs' forwards ran: the rerun changes their writes once
+                replan(backend.replanned(request.room_after))
             except ShapeAbovePlanError as error:
                 if session.forward_runs != forward_runs:  # a graph of this call ran: rerunning would repeat it
                     raise
                 if attempts >= max(MAX_REPLANS, REPLANS_PER_GRAPH * graphs):
                     raise
                 log.info("%s; planning every graph again at this call's sizes", error)
-                replan(getattr(compiled, _SESSION_ATTRIBUTE).replanned(session.room_after))
+                backend.writes.undo()
+                replan(backend.replanned(session.room_after))
             attempts += 1
 
     torch_private.set_compiled_forward(compiled, replanning_forward)

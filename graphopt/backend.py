@@ -15,6 +15,7 @@ import torch.fx as fx
 from . import __version__, torch_private
 from .budget import format_bytes
 from .chunking import compile_with_chunking
+from .effects import ForwardWrites
 from .config import Options, make_options
 from .cost_models.memory import concrete_size
 from .errors import GraphoptError, RepeatedGraphError, ShapeAbovePlanError
@@ -43,13 +44,16 @@ class GraphoptBackend:
         selection: dict[str, float] | None = None,
         room_after: dict[str, int] | None = None,
         graph_runs: RunCounter | None = None,
+        writes: ForwardWrites | None = None,
     ):
         """`parameters` (the model's, by name) and `selection` (name -> fraction that
         trains, checked against the whole model) come from ``graphopt.compile``; without
         them parameter names are read from Dynamo's sources, graph by graph.
         `room_after` is what graphs must leave free for later ones (``Session``).
         `graph_runs(graph_module, example_inputs)` says how many times per step a graph
-        may run before its first backward (``repeats.graph_runs``; 1 without it)."""
+        may run before its first backward (``repeats.graph_runs``; 1 without it).
+        `writes` collects what the graphs' forwards write in place, for a call
+        ``graphopt.compile`` reruns (``effects.ForwardWrites``); replanned backends share it."""
         given = {graph: GivenPlan(dict(decisions), by_min_cut) for graph, by_min_cut, decisions in options.given}
         self.session = Session(options, given=given, room_after=dict(room_after or {}))
         self._graphs = 0
@@ -58,16 +62,21 @@ class GraphoptBackend:
         self._selection = selection
         self._frozen_rows = FrozenRowsGuard()  # its optimizer hook goes with this backend
         self._graph_runs = graph_runs
+        self.writes = writes if writes is not None else ForwardWrites()
 
     def replanned(self, room_after: dict[str, int]) -> GraphoptBackend:
         """A fresh backend (Dynamo compiles again for it) whose graphs leave `room_after`."""
-        return GraphoptBackend(self.session.options, self._parameters, self._selection, room_after, self._fresh_runs())
+        return GraphoptBackend(
+            self.session.options, self._parameters, self._selection, room_after, self._fresh_runs(), self.writes
+        )
 
     def with_resident_gradients(self) -> GraphoptBackend:
         """A fresh backend whose plans count the parameters' gradients as alive from the
         step's start (gradient accumulation)."""
         options = dataclasses.replace(self.session.options, resident_gradients=True)
-        return GraphoptBackend(options, self._parameters, self._selection, self.session.room_after, self._fresh_runs())
+        return GraphoptBackend(
+            options, self._parameters, self._selection, self.session.room_after, self._fresh_runs(), self.writes
+        )
 
     def _fresh_runs(self) -> RunCounter | None:
         return self._graph_runs.fresh() if self._graph_runs is not None else None
@@ -102,6 +111,8 @@ class GraphoptBackend:
         compiled = compile_with_chunking(self.session, graph_name, graph_module, compile_graph)
         if self.session.options.memory_budget_bytes is None:
             return compiled
+        written = torch_private.written_input_positions(len(example_inputs))
+        self.writes.graph_writes(example_inputs[i] for i in written if isinstance(example_inputs[i], torch.Tensor))
         return _once_per_backward(compiled, graph_name, self.session, _planned_sizes(example_inputs), runs)
 
     def _graph_trainable(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphTrainable | None:

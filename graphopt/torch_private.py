@@ -444,6 +444,19 @@ def only_compiled_frames(replans: int) -> Any:
     )
 
 
+def written_input_positions(num_inputs: int) -> tuple[int, ...]:
+    """Positions among the inputs of the graph just compiled (by the backend Dynamo
+    called) that its forward writes in place: a BatchNorm's running statistics and
+    ``num_batches_tracked``. AOTAutograd leaves its analysis of the graph's inputs on
+    the tracing context; () where it left none, or for other inputs than the graph's
+    (tensor subclasses flattened)."""
+    context = torch._guards.TracingContext.try_get()
+    metadata = getattr(context, "fw_metadata", None)
+    if metadata is None or len(metadata.input_info) != num_inputs:
+        return ()
+    return tuple(i for i, info in enumerate(metadata.input_info) if info.mutates_data)
+
+
 # How Dynamo records a frame whose tracing failed softly (a graph break inside a for/while
 # loop, among others) among the frames it skips: it then runs that frame eagerly.
 _FAILED_COMPILE_REASONS = (

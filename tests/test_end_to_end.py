@@ -540,6 +540,59 @@ def test_replans_that_run_out_end_in_a_budget_error(monkeypatch):
     assert error.value.least_peak_bytes == error.value.__cause__.cause.least_peak_bytes > 0
 
 
+class _NormsAndDropoutAroundABreak(nn.Module):
+    """BatchNorm and dropout on both sides of a graph break."""
+
+    def __init__(self, width: int = 64, hidden: int = 256):
+        super().__init__()
+
+        def half() -> nn.Module:
+            return nn.Sequential(
+                nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, width)
+            )
+
+        self.first, self.second = half(), half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(x)
+        torch._dynamo.graph_break()
+        return self.second(x).square().mean()
+
+
+def test_a_call_run_again_after_replanning_updates_statistics_and_draws_randomness_once():
+    """Issue 16: a call graphopt.compile reruns (the second graph asked the first to
+    leave it room) had run the first graph's forward twice: BatchNorm's running
+    statistics and num_batches_tracked moved twice, and dropout drew twice. After 3
+    steps they equal those of the same model compiled under a budget that needs no
+    rerun, as do the losses, the gradients and the RNG state."""
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    loose_model = _NormsAndDropoutAroundABreak()
+    tight_model = copy.deepcopy(loose_model)
+    loose = graphopt.compile(loose_model, memory_budget="1GB", compiler="eager")
+    torch.manual_seed(0)
+    loose(x).backward()
+    budget = int(0.8 * max(plan.predicted_peak_bytes for plan in graphopt.plans(loose)))
+    tight = graphopt.compile(tight_model, memory_budget=budget, compiler="eager")
+    torch.manual_seed(0)
+    tight(x).backward()
+    assert graphopt.plans(tight)[0].memory.get("room for later graphs", 0) > 0, "the call was not rerun"
+    for step in range(2):
+        for compiled in (loose, tight):
+            torch.manual_seed(step + 1)
+            compiled(x).backward()
+    assert_grads_equal(loose_model, tight_model)
+    for (name, expected), (_, actual) in zip(loose_model.named_buffers(), tight_model.named_buffers()):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert [b.item() for n, b in tight_model.named_buffers() if n.endswith("num_batches_tracked")] == [3, 3]
+    torch.manual_seed(0)
+    loose(x)
+    after_loose = torch.get_rng_state()
+    torch.manual_seed(0)
+    tight(x)
+    assert torch.equal(torch.get_rng_state(), after_loose)
+
+
 def _first_graph_alone(inputs) -> graphopt.Plan:
     """graph_0's plan without a budget (torch's min-cut)."""
     torch.manual_seed(0)

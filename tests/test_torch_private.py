@@ -445,6 +445,23 @@ def test_frames_run_uncompiled_names_a_frame_skipped_for_a_graph_break_in_a_loop
     assert uncompiled == []  # the frame is not traced again
 
 
+def test_written_input_positions_are_batchnorms_statistics():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16))
+    written = []
+
+    def backend(graph_module, example_inputs):
+        compiled = torch_private.compile_without_codegen(graph_module, example_inputs, torch_private.default_partition)
+        positions = torch_private.written_input_positions(len(example_inputs))
+        written.extend(id(example_inputs[i]) for i in positions)
+        return compiled
+
+    torch.compile(model, backend=backend)(torch.randn(4, 8)).sum().backward()
+    assert sorted(written) == sorted(map(id, model[1].buffers())), (
+        "AOTAutograd no longer leaves TracingContext.fw_metadata.input_info[i].mutates_data as "
+        "torch_private.written_input_positions reads it"
+    )
+
+
 def test_one_graph_under_ddp_turns_dynamos_ddp_splitting_off_and_back():
     before = torch._dynamo.config.optimize_ddp
     with torch_private.one_graph_under_ddp():
