@@ -44,7 +44,8 @@ class ForwardWrites:
         so their values now are the call's starting ones."""
         for tensor in tensors:
             key = id(tensor)
-            if self._written.get(key, lambda: None)() is not tensor:
+            known = self._written.get(key)
+            if known is None or known() is not tensor:  # new, or a new tensor where a freed one was
                 self._written[key] = weakref.ref(tensor)
             if self._before is not None and key not in self._before:
                 self._before[key] = tensor.detach().clone()
