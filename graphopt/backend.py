@@ -15,9 +15,9 @@ import torch.fx as fx
 from . import __version__, torch_private
 from .budget import format_bytes
 from .chunking import compile_with_chunking
-from .effects import ForwardWrites
 from .config import Options, make_options
 from .cost_models.memory import concrete_size
+from .effects import ForwardWrites
 from .errors import GraphoptError, RepeatedGraphError, ShapeAbovePlanError
 from .ops.apply_update import GraphParameters
 from .planner import GivenPlan, Session, partition
