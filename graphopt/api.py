@@ -134,6 +134,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     )
     options = dataclasses.replace(
         options,
+        rank_reserves=rank_memory(model).reserves(),
         model_gradient_bytes=_gradient_bytes(model, options),
         count_later_gradients=isinstance(model, torch.nn.Module) and not fsdp_units(model),
     )

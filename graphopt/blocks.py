@@ -70,17 +70,32 @@ def find_repeated_blocks(model: torch.nn.Module, min_count: int = MIN_BLOCKS) ->
     names, shapes and dtypes.
     """
     best, best_numel = None, 0
+    for path, module in _containers_of_identical_blocks(model, min_count):
+        numel = sum(p.numel() for p in module.parameters())
+        if numel > best_numel:
+            best, best_numel = RepeatedBlocks(path, len(module), type(module[0]).__name__), numel
+    return best
+
+
+def identical_blocks(model: torch.nn.Module, min_count: int = 2) -> list[tuple[str, torch.nn.Module]]:
+    """Every container of at least `min_count` identical blocks, by path, leaving out
+    those inside another one's blocks (an encoder's and a decoder's layers both; a
+    block's own list of identical heads not)."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    for path, module in _containers_of_identical_blocks(model, min_count):
+        if not any(path.startswith(outer + ".") for outer, _ in found):
+            found.append((path, module))
+    return found
+
+
+def _containers_of_identical_blocks(model: torch.nn.Module, min_count: int):
+    """(path, container) of each ``ModuleList`` / ``Sequential`` of at least `min_count`
+    identical blocks, outermost first."""
     for path, module in model.named_modules():
         if not path or not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) or len(module) < min_count:
             continue
-        children = list(module)
-        signatures = {_signature(child) for child in children}
-        if len(signatures) != 1:
-            continue
-        numel = sum(p.numel() for p in module.parameters())
-        if numel > best_numel:
-            best, best_numel = RepeatedBlocks(path, len(children), type(children[0]).__name__), numel
-    return best
+        if len({_signature(child) for child in module}) == 1:
+            yield path, module
 
 
 def _signature(module: torch.nn.Module) -> tuple:

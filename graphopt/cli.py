@@ -154,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
         help="plan one DistributedDataParallel rank's step: build()'s batch is the rank's, the budget is per rank, "
         "and DDP's gradient buckets count (docs/distributed.md)",
     )
+    plan.add_argument(
+        "--fsdp",
+        type=int,
+        metavar="N",
+        help="plan one rank of N under per-block FSDP2 (fully_shard on every block, as torchtitan does): build()'s "
+        "batch is the rank's, the budget is per rank, block parameters are shards gathered around their uses "
+        "(docs/distributed.md)",
+    )
     return parser
 
 
@@ -175,6 +183,7 @@ def plan_command(args: argparse.Namespace) -> int:
     options = offline.options_for(
         model,
         ddp=args.ddp,
+        fsdp=args.fsdp,
         memory_budget=options.memory_budget_bytes,
         hardware=options.hardware,
         solver_time_limit_s=options.solver_time_limit_s,
@@ -185,6 +194,10 @@ def plan_command(args: argparse.Namespace) -> int:
     if args.ddp:
         buckets = offline.static_memory(model)["gradients"]
         print(f"  ddp       one rank: its batch and DDP's gradient buckets ({format_bytes(buckets)}); the budget is per rank")
+    if args.fsdp is not None:
+        held = offline.fsdp_rank_memory(model, args.fsdp).by_kind()
+        print(f"  fsdp      one rank of {args.fsdp}, per-block FSDP2 ({len(offline.fsdp_units(model))} block units); "
+              "the budget is per rank; it holds: " + ", ".join(f"{kind} {format_bytes(size)}" for kind, size in held.items()))
 
     def use(step: offline.TracedStep) -> dict[str, Any]:
         if options.memory_budget_bytes is not None:

@@ -33,6 +33,9 @@ class Options:
     cost_model: str = "roofline"  # "measured": time each op on the local device (cached)
     verbose: bool = False
     model_static_bytes: int = 0  # parameters and buffers of the whole model, when known
+    # What a data-parallel rank holds beside its graphs' inputs, by kind (part of
+    # model_static_bytes; RankMemory.reserves): each plan shows them on lines of their own.
+    rank_reserves: tuple[tuple[str, int], ...] = ()
     # Gradient accumulation over this many micro-batches (one backward each): the
     # parameters' .grad is alive from every step's start, and with optimizer= the update
     # runs on every k-th backward, from the accumulated gradient (docs/design.md,
@@ -78,6 +81,9 @@ class Options:
     # Whether a given plan's predicted peak must fit memory_budget, as a solved plan's does
     # (BudgetInfeasibleError otherwise); False applies it whatever its peak, and says so.
     check_budget: bool = True
+    # graphopt plan --fsdp N (offline only): plan one rank of N under per-block FSDP2
+    # (passes/shard_parameters.py). graphopt.compile reads FSDP2 from the model instead.
+    fsdp_ranks: int | None = None
 
     def cache_key(self) -> str:
         """Every input of a plan, for Inductor's caches (a changed budget must replan)."""
@@ -88,6 +94,7 @@ class Options:
                 hardware,
                 self.solver_time_limit_s,
                 self.model_static_bytes,
+                self.rank_reserves,
                 self.accumulation_steps,
                 self.resident_gradients,
                 self.model_gradient_bytes,
@@ -103,6 +110,7 @@ class Options:
                 _identity(self.optimizer),
                 self.given,
                 self.check_budget,
+                self.fsdp_ranks,
             )
         )
 

@@ -28,18 +28,23 @@ class RankMemory:
     """Bytes one rank holds for the model outside its compiled graphs, by kind.
 
     ``parameters`` and ``buffers`` are this rank's storage (an FSDP2 parameter's local
-    shard, padding included); ``gradient_buckets`` DDP's flat all-reduce buckets (as
+    shard, padding included); ``root_parameters`` the FSDP2 root unit's parameters
+    whole (``graphopt plan --fsdp``: the root is not resharded after its forward);
+    ``gradient_buckets`` DDP's flat all-reduce buckets (as
     large as the gradients); ``gradient_shards`` the gradient shards FSDP2's
     reduce-scatters write; ``gathered_parameters`` the largest FSDP2 unit's unsharded
     parameters (those of the unit whose graph runs: a graph's plan counts its own parameter
     inputs in their place); ``gathered_reserve`` the largest FSDP2 unit's unsharded
     parameters when the model has several units (another unit's all-gather while a graph
     runs); ``reduce_scatter_reserve`` the largest unit's unsharded gradients (the copy
-    FSDP2 reduce-scatters from).
+    FSDP2 reduce-scatters from). Planning one rank offline (``offline.fsdp_rank_memory``)
+    counts both reserves twice over: the step there is one graph, whose own windows are
+    per parameter, not per unit.
     """
 
     parameters: int = 0
     buffers: int = 0
+    root_parameters: int = 0
     gradient_buckets: int = 0
     gradient_shards: int = 0
     gathered_parameters: int = 0
@@ -51,6 +56,7 @@ class RankMemory:
         return (
             self.parameters
             + self.buffers
+            + self.root_parameters
             + self.gradient_buckets
             + self.gradient_shards
             + self.gathered_parameters
@@ -58,11 +64,24 @@ class RankMemory:
             + self.reduce_scatter_reserve
         )
 
+    def reserves(self) -> tuple[tuple[str, int], ...]:
+        """The nonzero kinds no graph has among its inputs, in words: each plan shows
+        them on lines of their own (``Options.rank_reserves``) instead of inside "other
+        graphs"."""
+        kinds = (
+            ("DDP gradient buckets", self.gradient_buckets),
+            ("FSDP2 gradient shards", self.gradient_shards),
+            ("FSDP2 all-gather reserve", self.gathered_reserve),
+            ("FSDP2 reduce-scatter reserve", self.reduce_scatter_reserve),
+        )
+        return tuple((kind, size) for kind, size in kinds if size)
+
     def by_kind(self) -> dict[str, int]:
         """The nonzero kinds, in words."""
         kinds = {
             "parameters (this rank's)": self.parameters,
             "buffers": self.buffers,
+            "FSDP2 root unit's parameters, whole for the step": self.root_parameters,
             "DDP gradient buckets": self.gradient_buckets,
             "FSDP2 gradient shards": self.gradient_shards,
             "FSDP2 all-gathered parameters (largest unit)": self.gathered_parameters,

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import math
 import os
 import sys
 import sysconfig
@@ -34,11 +35,15 @@ import torch.fx as fx
 
 from . import torch_private
 from .chunking import CHUNK_LOSS, fit_with_chunking, with_chunking
-from .blocks import TRACED_BLOCKS, ComposedPlanner, find_repeated_blocks, with_blocks
+from .blocks import TRACED_BLOCKS, ComposedPlanner, find_repeated_blocks, identical_blocks, with_blocks
 from .config import Options, make_options
 from .cost_models import HardwareProfile
+from .distributed import RankMemory
 from .errors import GraphoptError
+from .ops.fsdp import shard_shape
+from .passes import check_disabled
 from .passes.chunk_loss import ChunkLossMode, LossRegion
+from .passes.shard_parameters import GraphSharding
 from .plan import Plan
 from .planner import GivenPlan, Session, partition
 from .trainable import graph_trainable, select_parameters
@@ -63,6 +68,7 @@ def plan_model(
     hardware: Any = "auto",
     loss_fn: LossFn | None = None,
     solver_time_limit_s: float = 30.0,
+    fsdp: int | None = None,
 ) -> list[Plan]:
     """The plans graphopt would make for one training step of `model`, without running it.
 
@@ -72,9 +78,13 @@ def plan_model(
     (a tensor, an output with a ``.loss``, or the first element of a tuple); a non-scalar
     output is backpropagated with a gradient of its shape. `memory_budget` and `hardware`
     mean what they mean for ``graphopt.compile`` (a budget in ``"80%"`` is the profile's
-    memory). Raises ``BudgetInfeasibleError`` when nothing fits.
+    memory). With `fsdp` (N ranks) the plan is one rank's under per-block FSDP2
+    (``fsdp_rank_memory``; `example_inputs` are that rank's batch) and the budget is per
+    rank. Raises ``BudgetInfeasibleError`` when nothing fits.
     """
-    options = options_for(model, memory_budget=memory_budget, hardware=hardware, solver_time_limit_s=solver_time_limit_s)
+    options = options_for(
+        model, fsdp=fsdp, memory_budget=memory_budget, hardware=hardware, solver_time_limit_s=solver_time_limit_s
+    )
     return plan_chunked(
         options,
         lambda chunks, regions: with_traced_step(
@@ -96,16 +106,66 @@ def plan_chunked(options: Options, trace_and_plan: Callable[[int, list[LossRegio
     return [with_chunking(plan, decisions, disabled=False) for plan in plans]
 
 
-def options_for(model: torch.nn.Module, *, ddp: bool = False, **settings: Any) -> Options:
+def options_for(model: torch.nn.Module, *, ddp: bool = False, fsdp: int | None = None, **settings: Any) -> Options:
     """``Options`` from ``graphopt.compile``'s names, counting the whole model's static
     memory; with `ddp`, one DDP rank's: DDP's gradient buckets too, as large as the
-    trainable parameters (graphopt/distributed.py)."""
-    static = static_memory(model)
+    trainable parameters (graphopt/distributed.py); with `fsdp` (N ranks), one rank's
+    under per-block FSDP2 (``fsdp_rank_memory``)."""
     # Planning offline judges splits by graphopt's simulation: it plans for devices it
     # may not have, and composes deep models from per-node timelines (blocks.py).
     settings = {"prediction": "simulation", **settings}
-    buckets = static["gradients"] if ddp else 0
-    return make_options(settings, model_static_bytes=static["parameters"] + static["buffers"] + buckets)
+    if fsdp is None:
+        static = static_memory(model)
+        held = RankMemory(static["parameters"], static["buffers"], gradient_buckets=static["gradients"] if ddp else 0)
+        options = make_options(settings, model_static_bytes=held.total_bytes)
+        return dataclasses.replace(options, rank_reserves=held.reserves())
+    if ddp:
+        raise GraphoptError("plan one DDP rank or one FSDP2 rank, not both")
+    if not isinstance(fsdp, int) or isinstance(fsdp, bool) or fsdp < 1:
+        raise GraphoptError(f"fsdp is the number of ranks FSDP2 shards over, a positive integer; got {fsdp!r}")
+    for unsupported in ("trainable", "optimizer", "accumulation_steps"):
+        if settings.get(unsupported) not in (None, "all", 1):
+            raise GraphoptError(f"planning an FSDP2 rank with {unsupported}= is not supported yet (docs/distributed.md)")
+    held = fsdp_rank_memory(model, fsdp)
+    options = make_options(settings, model_static_bytes=held.total_bytes)
+    check_disabled(options.disabled_passes, {"--fsdp": True})
+    return dataclasses.replace(options, rank_reserves=held.reserves(), fsdp_ranks=fsdp)
+
+
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks ``graphopt plan --fsdp`` shards as FSDP2 units, as torchtitan applies
+    ``fully_shard`` to each transformer block: every block of every stack of identical
+    blocks (``blocks.identical_blocks``). The rest of the model is the root unit."""
+    return [block for _, stack in identical_blocks(model) for block in stack]
+
+
+def fsdp_rank_memory(model: torch.nn.Module, ranks: int) -> RankMemory:
+    """What one of `ranks` ranks holds for `model` under per-block FSDP2, for the plan of
+    its traced step (``shard_parameters``), by kind.
+
+    The traced graph's parameter inputs are the block parameters' shards and the root
+    unit's parameters whole (FSDP2 does not reshard the root after its forward). Beside
+    them the rank holds its shards of the root's parameters, and, at the largest block's
+    size for the whole step, the all-gather reserve: a block's parameters whole while it
+    runs (the graph frees each one after its last use, FSDP2 the block's together) and
+    the next block's prefetched; the reduce-scatter reserve: a block's full gradients
+    with the copy FSDP2 reduce-scatters from (the graph reduce-scatters each as it is
+    made). Conservative: the graph's own windows come on top of the first reserve.
+    """
+    units = fsdp_units(model)
+    in_unit = {id(p) for unit in units for p in unit.parameters()}
+    parameters = {id(p): p for p in model.parameters()}  # tied weights once
+    root = [p for key, p in parameters.items() if key not in in_unit]
+    shard_bytes = sum(math.prod(shard_shape(p.shape, ranks)) * p.element_size() for p in parameters.values())
+    unit_bytes = [sum(_tensor_bytes(p) for p in unit.parameters()) for unit in units]
+    unit_gradients = [sum(_tensor_bytes(p) for p in unit.parameters() if p.requires_grad) for unit in units]
+    return RankMemory(
+        parameters=shard_bytes,
+        buffers=static_memory(model)["buffers"],
+        root_parameters=sum(_tensor_bytes(p) for p in root),
+        gathered_reserve=(2 if len(units) > 1 else 1) * max(unit_bytes, default=0),
+        reduce_scatter_reserve=2 * max(unit_gradients, default=0),
+    )
 
 
 class TracedStep:
@@ -139,6 +199,17 @@ class TracedStep:
         """The plans for `options` (raises ``BudgetInfeasibleError`` when nothing fits)."""
         return self.plan_graphs(options)[0]
 
+    def _sharding(self, ranks: int | None) -> GraphSharding | None:
+        """Which of the step's inputs one FSDP2 rank holds as shards (``--fsdp``)."""
+        if ranks is None:
+            return None
+        in_unit = {id(p) for unit in fsdp_units(self._model) for p in unit.parameters()}
+        names = dict(self._model.named_parameters())
+        sharded = frozenset(
+            i for i, name in enumerate(self._input_names) if name is not None and id(names[name]) in in_unit
+        )
+        return GraphSharding(ranks, sharded)
+
     def plan_graphs(
         self, options: Options, given: dict[str, str] | None = None
     ) -> tuple[list[Plan], fx.GraphModule, fx.GraphModule]:
@@ -163,6 +234,7 @@ class TracedStep:
             num_fwd_outputs=self._num_fwd_outputs,
             static_lifetime_input_indices=self._static_indices,
             trainable=trainable,
+            sharding=self._sharding(options.fsdp_ranks),
         )
         return list(session.plans), forward, backward
 

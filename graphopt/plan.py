@@ -10,7 +10,9 @@ JSON schema (``Plan.to_json``), version 2::
                 "room for later graphs": int (only when a graph break made graphopt replan),
                 "later graphs' gradients": int (through the backward, after a graph break),
                 "its earlier runs": int (a graph run once per block),
-                "accumulated gradients": int (with gradient accumulation)},
+                "accumulated gradients": int (with gradient accumulation),
+                "DDP gradient buckets" | "FSDP2 gradient shards" | "FSDP2 all-gather reserve" |
+                "FSDP2 reduce-scatter reserve": int (what a data-parallel rank holds beside its graphs)},
      "timeline_bytes": [int, ...], "num_forward_steps": int,
      "decisions": [{"node": str, "tensor": str,
                     "action": "keep"|"recompute"|"offload"|"quantize"|"offload-quantized", "bytes": int,

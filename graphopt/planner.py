@@ -30,6 +30,7 @@ from .cost_models.memory import graph_timeline, storage_owner, value_bytes
 from .cost_models.wrapper_memory import returned_names, returned_strides, wrapper_timeline
 from .errors import BudgetInfeasibleError, GraphoptError, PlanMismatchError, ReplanEarlierGraphs
 from .ops.apply_update import APPLY_UPDATE, GraphParameters, GraphUpdates, OptimizerInBackward
+from .ops.fsdp import ALL_GATHER
 from .ops.offload import PREFETCH
 from .passes import DECIDED, JOINT, SPLIT, PassRun, in_pipeline_order, run_stage
 from .passes.hoist_prefetches import hoist_prefetches
@@ -38,6 +39,7 @@ from .passes.lower_saves import LoweredSaves, lower_saves
 from .passes.place_updates import place_updates
 from .passes.prune_frozen import prune_frozen
 from .passes.reorder_graph import reorder_graph
+from .passes.shard_parameters import GraphSharding, shard_parameters
 from .plan import Decision, GraphReordering, Plan, width_label
 from .problem import DROP, KEEP, RECOMPUTE, Problem, Solution, action_error, check_actions, action_ms, memory_timeline, parse_action, redo_ms
 from .solver import least_peak, solve
@@ -295,6 +297,7 @@ def partition(
     trainable: GraphTrainable | None = None,
     graph_parameters: GraphParameters | None = None,
     runs: int = 1,
+    sharding: GraphSharding | None = None,
     **_: object,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """graphopt's partition function (the signature AOTAutograd and Inductor call).
@@ -303,6 +306,8 @@ def partition(
     pruned from the joint graph before it is analysed. `graph_parameters` (bound by the
     backend with optimizer=) says which inputs are parameters updated in the backward:
     their updates join the joint graph, and each split places them (`place_updates`).
+    `sharding` (``graphopt plan --fsdp``, offline only) says which inputs are one FSDP2
+    rank's parameter shards (`shard_parameters`).
     """
     joint = torch_private.prepare_joint_graph(
         joint_module, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_lifetime_input_indices
@@ -321,7 +326,15 @@ def partition(
     def insert(graph):
         return (insert_updates(graph, updates), f"{len(updates.slots)} updates") if updates.slots else None
 
-    joint, joint_passes = run_stage(JOINT, joint, {"prune_frozen": prune, "insert_updates": insert}, options.disabled_passes)
+    def shard(graph):
+        if sharding is None:
+            return None
+        graph, count = shard_parameters(graph, sharding)
+        return graph, f"{count} parameters over {sharding.ranks} ranks"
+
+    joint, joint_passes = run_stage(
+        JOINT, joint, {"prune_frozen": prune, "insert_updates": insert, "shard_parameters": shard}, options.disabled_passes
+    )
     if not torch_private.has_backward(joint) and not _updates(joint.module):  # pruning can leave no gradient
         return torch_private.default_partition(
             joint.module, joint_inputs, num_fwd_outputs=num_fwd_outputs,
@@ -359,6 +372,8 @@ def partition(
     plan = _with_optimizer_memory(plan, updates)
     plan = _shown_apart(plan, "accumulated gradients", resident)
     plan = _shown_apart(plan, "its earlier runs", reserved)
+    for kind, size in options.rank_reserves:  # DDP's buckets, FSDP2's reserves (graphopt/distributed.py)
+        plan = _shown_apart(plan, kind, min(size, plan.memory["other graphs"]))
     # What the forward hands on (saved tensors and outputs), alive while later graphs run:
     # the end of the forward's timeline the plan was judged by.
     forward_steps = forward.meta[_TIMELINES][0]
@@ -660,7 +675,8 @@ def _with_optimizer_memory(plan: Plan, updates: GraphUpdates) -> Plan:
 def _shown_apart(plan: Plan, line: str, size: int) -> Plan:
     """The plan's memory with `size` bytes of its "other graphs" line shown on a line of
     their own: the gradients earlier micro-batches left in ``.grad`` ("accumulated
-    gradients"), what the graph's earlier runs in the step keep ("its earlier runs")."""
+    gradients"), what the graph's earlier runs in the step keep ("its earlier runs"),
+    what a data-parallel rank holds beside its graphs ("DDP gradient buckets", ...)."""
     if not size:
         return plan
     memory = dict(plan.memory)
@@ -1223,6 +1239,8 @@ def _reason(
     """Why the plan took `action` for the candidate. `redo_ms` is what the program priced
     redoing it at, `roofline_ms` what the cost model says (they differ where min-cut
     recomputes the tensor: it fuses into a backward kernel, which the roofline cannot see)."""
+    if storage_owner(node).target == ALL_GATHER and action == RECOMPUTE:
+        return "gathered again: FSDP2 frees a block's unsharded parameters after its forward and all-gathers them for its backward"
     if method == "torch-min-cut":
         return f"{'kept' if action == KEEP else 'recomputed'} by torch's min-cut, which fits the budget"
     if method == "given plan":

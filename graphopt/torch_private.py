@@ -338,6 +338,11 @@ def must_stay_in_forward(node: fx.Node) -> bool:
     return _partitioners._must_be_in_forward(node)
 
 
+def require_recompute(node: fx.Node) -> None:
+    """Tag `node` as a checkpoint policy's ``MUST_RECOMPUTE`` would: never saved."""
+    node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+
+
 def checkpoint_policy(node: fx.Node) -> str | None:
     """The user's torch.utils.checkpoint / SAC policy on a node, as a plain name."""
     policy = node.meta.get("recompute")
@@ -1071,9 +1076,10 @@ def is_pinned_to_backward(node: fx.Node) -> bool:
 class NodeEmitter:
     """Adds ``op(*args, **kwargs)`` nodes to a graph before a given node, each with its
     FakeTensor ``meta["val"]`` (computed in the graph's own fake mode, as if traced) and
-    pinned to the `side` ("forward" or "backward") of the split it belongs to."""
+    pinned to the `side` ("forward" or "backward") of the split it belongs to, or left
+    to the split (`side` None)."""
 
-    def __init__(self, graph: fx.Graph, *, insert_before: fx.Node, side: str):
+    def __init__(self, graph: fx.Graph, *, insert_before: fx.Node, side: str | None):
         self._graph = graph
         self._before = insert_before
         self._side = side
@@ -1085,6 +1091,7 @@ class NodeEmitter:
             node = self._graph.call_function(op, args, kwargs)
         with fake_mode:
             node.meta["val"] = op(*values[0], **values[1])
-        pin_to(node, self._side)
+        if self._side is not None:
+            pin_to(node, self._side)
         return node
 

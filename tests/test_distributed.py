@@ -364,11 +364,14 @@ def test_plan_ddp_counts_one_ranks_gradient_buckets(tmp_path, capsys):
 
     model_file = tmp_path / "tiny.py"
     model_file.write_text(TINY_MODEL)
-    static = {}
+    memory = {}
     for flags in ([], ["--ddp"]):
         out = tmp_path / f"plan{len(flags)}.json"
         assert main(["plan", str(model_file), "--hardware", "cpu", "--budget", "1MB", "--json", str(out), *flags]) == 0
         (plan,) = json.loads(out.read_text())["plans"]
-        static[bool(flags)] = plan["memory"]["other graphs"]
+        memory[bool(flags)] = plan["memory"]
     assert "DDP's gradient buckets (12.67 KB)" in capsys.readouterr().out
-    assert static[True] - static[False] == 3 * (32 * 32 + 32) * 4  # the trainable parameters' bytes
+    # The buckets, as large as the trainable parameters, on a line of their own.
+    assert memory[True]["DDP gradient buckets"] == 3 * (32 * 32 + 32) * 4
+    assert "DDP gradient buckets" not in memory[False]
+    assert memory[True]["other graphs"] == memory[False]["other graphs"]

@@ -26,6 +26,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 from .. import torch_private
 from ..errors import HardwareError
+from ..ops.fsdp import COLLECTIVES as FSDP_COLLECTIVES
 from .hardware import HardwareProfile
 
 MS_PER_S = 1e3
@@ -201,7 +202,11 @@ def estimate_node_cost(node: fx.Node, hardware: HardwareProfile) -> OpCost:
 
     An op whose FLOPs are unknown (`flop_count`) is priced by the bytes it moves at memory
     bandwidth, and at least one kernel launch, never as free; `assumption` says so.
+    FSDP2's collectives in a graph planned for one rank (``graphopt plan --fsdp``) cost
+    the plan nothing: FSDP2 issues them whatever it decides.
     """
+    if node.target in FSDP_COLLECTIVES:
+        return OpCost(flops=0.0, bytes_moved=0.0, ms=0.0)
     flops, unknown = flop_count(node)
     bytes_moved = node_bytes_moved(node)
     ms = roofline_ms(flops, bytes_moved, node_dtype(node), hardware)

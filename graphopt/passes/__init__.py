@@ -11,7 +11,7 @@ declares them in order, each at the stage of compilation whose graph it rewrites
 
 The planner (graphopt/planner.py, graphopt/chunking.py) orchestrates: it runs each
 stage's passes in this order through ``run_stage``, binding each to what it needs from
-the step (the plan's decisions, the optimizer, ``trainable=``), and each plan lists the
+the step (the plan's decisions, the optimizer, ``trainable=``, ``--fsdp``), and each plan lists the
 passes that ran on its graph and those the user disabled (``Plan.passes``).
 ``graphopt.compile(..., disable_passes=["reorder_graph"])`` skips passes by name; a pass
 that carries out an option in use (``prune_frozen`` for ``trainable=``, the updates for
@@ -57,6 +57,12 @@ PIPELINE: tuple[GraphPass, ...] = (
         "insert_updates", JOINT,
         "consumes each managed gradient by its parameter's update inside the backward (docs/optimizer_in_backward.md)",
         "the optimizer steps after the backward", carries_out="optimizer=",
+    ),
+    GraphPass(
+        "shard_parameters", JOINT,
+        "plans one FSDP2 rank (graphopt plan --fsdp N): block parameters as shards, all-gathered around their "
+        "uses, gradients reduce-scattered (docs/distributed.md)",
+        "every parameter is whole for the step", carries_out="--fsdp",
     ),
     GraphPass(
         "lower_saves", DECIDED,
