@@ -196,7 +196,7 @@ def plan_command(args: argparse.Namespace) -> int:
         print(f"  ddp       one rank: its batch and DDP's gradient buckets ({format_bytes(buckets)}); the budget is per rank")
     if args.fsdp is not None:
         held = offline.fsdp_rank_memory(model, args.fsdp).by_kind()
-        print(f"  fsdp      one rank of {args.fsdp}, per-block FSDP2 ({len(offline.fsdp_units(model))} block units); "
+        print(f"  fsdp      one rank of {args.fsdp}, per-block FSDP2 ({len(offline.planned_fsdp_units(model))} block units); "
               "the budget is per rank; it holds: " + ", ".join(f"{kind} {format_bytes(size)}" for kind, size in held.items()))
 
     def use(step: offline.TracedStep) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def options_for(model: torch.nn.Module, *, ddp: bool = False, fsdp: int | None =
     return dataclasses.replace(options, rank_reserves=held.reserves(), fsdp_ranks=fsdp)
 
 
-def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+def planned_fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks ``graphopt plan --fsdp`` shards as FSDP2 units, as torchtitan applies
     ``fully_shard`` to each transformer block: every block of every stack of identical
     blocks (``blocks.identical_blocks``). The rest of the model is the root unit."""
@@ -152,7 +152,7 @@ def fsdp_rank_memory(model: torch.nn.Module, ranks: int) -> RankMemory:
     with the copy FSDP2 reduce-scatters from (the graph reduce-scatters each as it is
     made). Conservative: the graph's own windows come on top of the first reserve.
     """
-    units = fsdp_units(model)
+    units = planned_fsdp_units(model)
     in_unit = {id(p) for unit in units for p in unit.parameters()}
     parameters = {id(p): p for p in model.parameters()}  # tied weights once
     root = [p for key, p in parameters.items() if key not in in_unit]
@@ -203,7 +203,7 @@ class TracedStep:
         """Which of the step's inputs one FSDP2 rank holds as shards (``--fsdp``)."""
         if ranks is None:
             return None
-        in_unit = {id(p) for unit in fsdp_units(self._model) for p in unit.parameters()}
+        in_unit = {id(p) for unit in planned_fsdp_units(self._model) for p in unit.parameters()}
         names = dict(self._model.named_parameters())
         sharded = frozenset(
             i for i, name in enumerate(self._input_names) if name is not None and id(names[name]) in in_unit

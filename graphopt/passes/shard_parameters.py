@@ -88,12 +88,12 @@ def _gather_before(graph: fx.Graph, shard: fx.Node, first_use: fx.Node, size: li
     return gathered
 
 
-def _aliases(node: fx.Node) -> list[fx.Node]:
+def _aliases(node: fx.Node) -> set[fx.Node]:
     """`node` and every view (chain) of it."""
-    found, stack = [node], [node]
+    found, stack = {node}, [node]
     while stack:
         for user in stack.pop().users:
             if user not in found and storage_owner(user) is node:
-                found.append(user)
+                found.add(user)
                 stack.append(user)
     return found
