@@ -16,7 +16,7 @@ with every view of it; each block gradient is reduce-scattered into its shard as
 as it is made. The planner then sees a block's unsharded parameters live from their
 first to their last use in each pass, and a full gradient die where it is made. FSDP2
 holds a unit's parameters (and its gradients) together for the whole block, and
-prefetches the next unit's: the static reserves of ``offline.fsdp_static_bytes`` cover
+prefetches the next unit's: the reserves of ``offline.fsdp_rank_memory`` cover
 that, at the largest unit's size.
 """
 
