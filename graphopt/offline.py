@@ -139,6 +139,11 @@ def planned_fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [block for _, stack in identical_blocks(model) for block in stack]
 
 
+def _block_parameter_ids(model: torch.nn.Module) -> set[int]:
+    """The parameters ``--fsdp`` shards (those of the block units), by id."""
+    return {id(p) for unit in planned_fsdp_units(model) for p in unit.parameters()}
+
+
 def fsdp_rank_memory(model: torch.nn.Module, ranks: int) -> RankMemory:
     """What one of `ranks` ranks holds for `model` under per-block FSDP2, for the plan of
     its traced step (``shard_parameters``), by kind.
@@ -153,7 +158,7 @@ def fsdp_rank_memory(model: torch.nn.Module, ranks: int) -> RankMemory:
     made). Conservative: the graph's own windows come on top of the first reserve.
     """
     units = planned_fsdp_units(model)
-    in_unit = {id(p) for unit in units for p in unit.parameters()}
+    in_unit = _block_parameter_ids(model)
     parameters = {id(p): p for p in model.parameters()}  # tied weights once
     root = [p for key, p in parameters.items() if key not in in_unit]
     shard_bytes = sum(math.prod(shard_shape(p.shape, ranks)) * p.element_size() for p in parameters.values())
@@ -203,7 +208,7 @@ class TracedStep:
         """Which of the step's inputs one FSDP2 rank holds as shards (``--fsdp``)."""
         if ranks is None:
             return None
-        in_unit = {id(p) for unit in planned_fsdp_units(self._model) for p in unit.parameters()}
+        in_unit = _block_parameter_ids(self._model)
         names = dict(self._model.named_parameters())
         sharded = frozenset(
             i for i, name in enumerate(self._input_names) if name is not None and id(names[name]) in in_unit
