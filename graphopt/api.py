@@ -216,6 +216,15 @@ def _replan_on_request(compiled: torch.nn.Module, model: torch.nn.Module, **comp
             log.info("a parameter has a .grad as the step starts (gradient accumulation?); planning every "
                      "graph again with the gradients alive from the step's start")
             replan(backend.with_resident_gradients())
+        backend = getattr(compiled, _SESSION_ATTRIBUTE)
+        rooms = backend.session.rooms_after_first_step()
+        if rooms is not None:
+            # The first step ran with each graph at a graph break leaving the most room it
+            # could for the graphs after it; they left some unused: plan and compile again.
+            log.info("the first step's graphs after a graph break left room unused; planning every graph again "
+                     "with the earlier graphs keeping more (%s)",
+                     ", ".join(f"{graph} leaves {format_bytes(room)}" for graph, room in rooms.items()))
+            replan(backend.replanned(rooms))
         # What the call's forwards write in place and the RNG, put back if the call must run again.
         writes = backend.writes
         writes.call_starts()

@@ -98,7 +98,8 @@ class GraphoptBackend:
         budgeted = self.session.options.memory_budget_bytes is not None
         runs = self._graph_runs(graph_module, example_inputs) if budgeted and self._graph_runs is not None else 1
         partition_fn = functools.partial(
-            partition, self.session, graph_name, trainable=trainable, graph_parameters=graph_parameters, runs=runs
+            partition, self.session, graph_name, trainable=trainable, graph_parameters=graph_parameters, runs=runs,
+            at_graph_break=budgeted and torch_private.compiled_at_graph_break(graph_module),
         )
 
         def compile_graph(graph: fx.GraphModule) -> Callable:

@@ -65,6 +65,13 @@ SWEEP_POINTS = 8
 # A solve started after the graph's planning time ran out still gets this long to find
 # an incumbent (or fall back to the greedy plan).
 MIN_SOLVE_S = 1.0
+# A graph compiled at a graph break leaves the graphs after it the most room it can
+# less this fraction of the usable budget, so that plans faster than the least-peak one
+# the room is read from fit beside it (`_most_room`).
+FIRST_STEP_MARGIN = 0.02
+# The least share of the usable budget the graphs after such a graph must have left
+# unused in the first step for graphopt.compile to plan and compile the step again.
+FIRST_STEP_MIN_GAIN = 0.05
 
 
 @dataclasses.dataclass
@@ -115,11 +122,14 @@ class Session:
 
     Graph breaks give several joint graphs; tensors saved by earlier graphs stay alive
     while later graphs run, so each graph plans against what the earlier ones keep.
-    Graphs are compiled one at a time, the first before the next is even traced; when
-    a later graph cannot fit beside what the earlier ones keep, it asks (raising
+    Graphs are compiled one at a time, the first before the next is even traced: a graph
+    Dynamo compiled at a graph break leaves the graphs after it the most room it can
+    (`first_step_rooms`), and after the first step ``graphopt.compile`` plans the step
+    again with what they left unused given back (`rooms_after_first_step`). When a later
+    graph still cannot fit beside what the earlier ones keep, it asks (raising
     ``ReplanEarlierGraphs``) for the earlier graphs to be planned again, each leaving
     `room_after` its forward for what the later graphs need (``graphopt.compile`` does
-    that and reruns the step).
+    that and reruns the call). docs/design.md, "Graph breaks".
     """
 
     options: Options
@@ -130,6 +140,10 @@ class Session:
     given: dict[str, GivenPlan] = dataclasses.field(default_factory=dict)
     # Graph name -> bytes later graphs need while its saved tensors wait for its backward.
     room_after: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Graph name -> the room a graph Dynamo compiled at a graph break left for the graphs
+    # after it, not yet seen: the most it could (`_most_room`), so that the first step
+    # fits whatever they need. `rooms_after_first_step` gives back what they left unused.
+    first_step_rooms: dict[str, int] = dataclasses.field(default_factory=dict)
     # Graph name -> the Dynamo frame it was compiled for. A recompilation of a frame (a
     # new shape, a failed guard) gives a graph that runs instead of the earlier one, not
     # beside it -- unless a run of the earlier one still waits for its backward (a guard
@@ -145,6 +159,7 @@ class Session:
     handed_on: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name: what one run's forward keeps
     gradient_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # its parameters' gradients
     runs: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name: the runs it was planned for
+    peaks: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name, in the order they were planned
     # Budgeted forwards run so far: graphopt.compile plans a call again (a size above a
     # symbolic graph's plan) only while none of that call has run.
     forward_runs: int = 0
@@ -186,7 +201,7 @@ class Session:
                 continue
             done = self.pending.get(name, 0)
             if not done:
-                for counts in (self.saved_bytes, self.gradient_bytes, self.frames, self.handed_on, self.runs):
+                for counts in (self.saved_bytes, self.gradient_bytes, self.frames, self.handed_on, self.runs, self.peaks):
                     counts.pop(name, None)
             elif done < self.runs.get(name, 1):
                 self.saved_bytes[name] = done * self.handed_on.get(name, 0)
@@ -253,6 +268,27 @@ class Session:
             cause=error,
         )
 
+    def rooms_after_first_step(self) -> dict[str, int] | None:
+        """After a first step whose graphs compiled at a graph break each left the most
+        room they could for the graphs after them (`first_step_rooms`), the rooms to plan
+        the step again with: each such graph gives up its share of what every graph after
+        it left unused of the usable budget (its slack), so that the graphs after it fit
+        beside what it then keeps -- with the plans they have, or faster ones. None while
+        the first step's backward has not come, when there is nothing to give back worth
+        compiling the graphs again for (`FIRST_STEP_MIN_GAIN`), and once asked."""
+        if not self.first_step_rooms or self.open_runs or not self.forward_runs:
+            return None
+        rooms, self.first_step_rooms = self.first_step_rooms, {}
+        order = list(self.peaks)
+        usable = _usable(self.options)
+        after_first = order[min(order.index(graph) for graph in rooms if graph in order) + 1:] if set(rooms) & set(order) else []
+        if not after_first:
+            return None
+        slack = max(min(usable - self.peaks[graph] for graph in after_first), 0) // len(rooms)
+        if slack <= FIRST_STEP_MIN_GAIN * usable:
+            return None
+        return {**self.room_after, **{graph: max(room - slack, 0) for graph, room in rooms.items()}}
+
     def node_cost(self) -> NodeCost:
         """How ops are priced: the roofline, or times measured on this machine (cached)."""
         if self.options.cost_model == "measured":
@@ -271,6 +307,8 @@ class Session:
         self.handed_on[plan.graph] = handed_on
         self.gradient_bytes[plan.graph] = gradient_bytes
         self.runs[plan.graph] = runs
+        self.peaks.pop(plan.graph, None)
+        self.peaks[plan.graph] = plan.predicted_peak_bytes
 
     def replace_plan(self, plan: Plan) -> None:
         """`plan` in place of its graph's plan (the byte counts stay)."""
@@ -298,6 +336,7 @@ def partition(
     graph_parameters: GraphParameters | None = None,
     runs: int = 1,
     sharding: GraphSharding | None = None,
+    at_graph_break: bool = False,
     **_: object,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """graphopt's partition function (the signature AOTAutograd and Inductor call).
@@ -307,7 +346,9 @@ def partition(
     backend with optimizer=) says which inputs are parameters updated in the backward:
     their updates join the joint graph, and each split places them (`place_updates`).
     `sharding` (``graphopt plan --fsdp``, offline only) says which inputs are one FSDP2
-    rank's parameter shards (`shard_parameters`).
+    rank's parameter shards (`shard_parameters`). A graph Dynamo compiled `at_graph_break`
+    runs before graphs it cannot see yet: unless the session already knows the room they
+    need (`Session.room_after`), it leaves them the most it can (`_most_room`).
     """
     joint = torch_private.prepare_joint_graph(
         joint_module, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_lifetime_input_indices
@@ -350,8 +391,8 @@ def partition(
     later = session.later_gradient_bytes(graph_name, runs * gradients) if session.optimizer is None else 0
     analyses = []
 
-    def plan_with(reserved: int):
-        analyses.append(analyze(
+    def analyze_with(reserved: int, room: int) -> Analysis:
+        return analyze(
             joint,
             options.hardware,
             budget_bytes=options.memory_budget_bytes,
@@ -359,15 +400,37 @@ def partition(
             node_cost=session.node_cost(),
             alternatives=alternative_settings(options),
             error_weight_ms=options.lossy_error_weight_ms,
-            room_after_forward=session.room_after.get(graph_name, 0),
+            room_after_forward=room,
             later_gradients=later,
-        ))
+        )
+
+    room = session.room_after.get(graph_name, 0)
+    first_step = (
+        at_graph_break and options.memory_budget_bytes is not None
+        and graph_name not in session.room_after and graph_name not in session.given
+    )
+    if first_step:
+        room = session.first_step_rooms[graph_name] = _most_room(joint, analyze_with, options)
+        log.info("%s was compiled at a graph break, before the graphs after it: it leaves them %s, the most it can",
+                 graph_name, format_bytes(room))
+
+    def plan_with(reserved: int):
+        analyses.append(analyze_with(reserved, room))
         return _plan_graph(session, graph_name, joint, joint_inputs, analyses[-1])
 
-    try:
-        reserved, (plan, forward, backward) = _plan_for_runs(plan_with, runs)
-    except BudgetInfeasibleError as error:  # beside the last reserve for its earlier runs it tried
-        raise session.replan_request(graph_name, analyses[-1], error) from None
+    while True:
+        try:
+            reserved, (plan, forward, backward) = _plan_for_runs(plan_with, runs)
+            break
+        except BudgetInfeasibleError as error:  # beside the last reserve for its earlier runs it tried
+            if not first_step or not room:
+                raise session.replan_request(graph_name, analyses[-1], error) from None
+            # No plan found leaves that room: less by the least peak's excess, then none
+            # (the later graphs may then ask for a replan).
+            smaller = room - (error.least_peak_bytes - _usable(options)) - int(FIRST_STEP_MARGIN * _usable(options))
+            room = session.first_step_rooms[graph_name] = max(smaller, 0) if smaller < room else 0
+    if first_step and room:
+        plan = dataclasses.replace(plan, assumptions=(*plan.assumptions, _first_step_assumption(graph_name, room)))
     plan = dataclasses.replace(plan, pruning=pruning, passes=in_pipeline_order(joint_passes + plan.passes))
     plan = _with_optimizer_memory(plan, updates)
     plan = _shown_apart(plan, "accumulated gradients", resident)
@@ -835,6 +898,30 @@ def _sweep(
         if predicted_peak < least:
             best_solution, least = solution, predicted_peak
     raise _infeasible(analysis, options, least, best_solution, timed_out=clock.expired)
+
+
+def _most_room(joint, analyze_with: Callable[[int, int], Analysis], options: Options) -> int:
+    """The most room a graph can leave after its forward for graphs it cannot see yet.
+    With twice the usable budget as room the end of the forward is the peak, so the plan
+    of least peak there hands on the fewest bytes the program finds; its simulated peak
+    says how much of that room fits, less `FIRST_STEP_MARGIN` of the usable budget (the
+    plan then made with the room is judged by the simulation too). One least-peak solve."""
+    usable = _usable(options)
+    probe = 2 * usable
+    analysis = analyze_with(0, probe)
+    least = least_peak(analysis.problem, time_limit_s=options.solver_time_limit_s)
+    _, _, simulated = _split_and_simulate(joint, analysis, least, options)
+    return max(probe - (simulated - usable) - int(FIRST_STEP_MARGIN * usable), 0)
+
+
+def _first_step_assumption(graph_name: str, room: int) -> str:
+    """What a graph compiled at a graph break assumes of the graphs after it."""
+    return (
+        f"{graph_name} was compiled at a graph break, before the graphs after it were seen: it leaves them "
+        f"{format_bytes(room)} after its forward, the most it can, so that the first step fits whatever they need. "
+        "graphopt.compile plans the step again once it has run, giving the graphs at a break the room the later "
+        "graphs left unused; torch.compile(backend='graphopt') keeps this plan"
+    )
 
 
 def _usable(options: Options) -> int:

@@ -1016,6 +1016,15 @@ def current_frame_id() -> int | None:
     return None if compile_id is None else compile_id.frame_id
 
 
+def compiled_at_graph_break(graph_module: fx.GraphModule) -> bool:
+    """Whether Dynamo compiled this graph because of a graph break, so that more of its
+    frame (and more graphs) run after it in the same call: the reason Dynamo records on
+    the graph it hands a backend (``OutputGraph.compile_subgraph_reason``, read by torch's
+    own ``explain``). False for a graph that ends its frame, and outside Dynamo."""
+    reason = getattr(graph_module, "compile_subgraph_reason", None)
+    return bool(getattr(reason, "graph_break", False))
+
+
 # ----------------------------------------------------------------------------- offload and quantize lowering
 
 

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt
+from graphopt import torch_private
 from conftest import assert_grads_equal, assert_same_training_step, training_step
-from graphopt.backend import GraphoptBackend
+from graphopt.backend import GraphoptBackend, session_for_options
 from graphopt.budget import format_bytes, parse_budget
 from graphopt.config import make_options
 from graphopt.errors import ReplanEarlierGraphs
@@ -505,17 +506,41 @@ def test_graph_break_under_a_tight_budget_recomputes_and_equals_eager():
     assert plans[0].memory["room for later graphs"] > 0
 
 
-def test_graph_break_through_the_torch_compile_backend_asks_to_replan():
-    """torch.compile(backend="graphopt") has no call graphopt could rerun: the request
-    to replan the first graph reaches the user, naming the room the second needs.
-    (At 0.9 of the no-budget peak the first graph's plan leaves the second room of
-    itself; 0.8 to 0.5 ask to replan, below that nothing fits.)"""
+def test_graph_break_through_the_torch_compile_backend_fits_in_its_first_step():
+    """torch.compile(backend="graphopt") has no call graphopt could rerun. The graph
+    Dynamo compiles at the break leaves the graphs after it the most room it can, so
+    the step fits without asking to replan; its plan says so, and keeps that room
+    (only graphopt.compile plans again after the first step)."""
     inputs = _mlp_inputs()
     budget = int(no_budget_peak("graph_break") * 0.7)
+    options = {"memory_budget": budget, "compiler": "eager"}
+    compiled = assert_same_training_step(
+        GraphBreakMLP, inputs, compile_fn=lambda model: torch.compile(model, backend="graphopt", options=options)
+    )
+    session = session_for_options(options)
+    first, second = session.plans
+    # The second graph fits in the room: its own bytes, beyond the parameters and what the first keeps.
+    own = second.predicted_peak_bytes - second.memory["parameters"] - second.memory["other graphs"]
+    assert first.memory["room for later graphs"] >= own > 0
+    assert any("compiled at a graph break" in assumption for assumption in first.assumptions)
+    for plan in (first, second):
+        assert plan.predicted_peak_bytes <= budget
+    compiled.zero_grad(set_to_none=True)
+    compiled(*inputs).backward()
+    assert session.plans == [first, second]  # not planned again
+
+
+def test_graph_break_through_the_torch_compile_backend_asks_to_replan():
+    """A graph told the room the later graphs need (here none) is planned with it; when
+    a later graph needs more, torch.compile(backend="graphopt") has no call to rerun: the
+    request to replan reaches the user, naming the room it needs. (graphopt.compile
+    replans and reruns.)"""
+    inputs = _mlp_inputs()
+    budget = int(no_budget_peak("graph_break") * 0.7)
+    backend = GraphoptBackend(make_options({"memory_budget": budget, "compiler": "eager"}), room_after={"graph_0": 0})
     torch.manual_seed(0)
-    compiled = torch.compile(GraphBreakMLP(), backend="graphopt", options={"memory_budget": budget, "compiler": "eager"})
     with pytest.raises(ReplanEarlierGraphs, match="use graphopt.compile") as request:
-        compiled(*inputs)
+        torch.compile(GraphBreakMLP(), backend=backend)(*inputs)
     assert set(request.value.room_after) == {"graph_0"}
     assert 0 < request.value.room_after["graph_0"] < budget
 
@@ -524,13 +549,14 @@ def test_replans_that_run_out_end_in_a_budget_error(monkeypatch):
     """graphopt.compile replans the earlier graphs a bounded number of times (at least
     MAX_REPLANS, REPLANS_PER_GRAPH per graph seen); past that the user gets a
     BudgetInfeasibleError naming the graph that did not fit and its least peak, not
-    graphopt's internal request. Here the bound is 0, at a budget that asks once."""
+    graphopt's internal request. Here the bound is 0, at a budget where the room the
+    first graph can leave is less than the second needs, which asks once."""
     from graphopt import api
 
     monkeypatch.setattr(api, "MAX_REPLANS", 0)
     monkeypatch.setattr(api, "REPLANS_PER_GRAPH", 0)
     inputs = _mlp_inputs()
-    budget = int(no_budget_peak("graph_break") * 0.7)
+    budget = int(no_budget_peak("graph_break") * 0.5)
     torch.manual_seed(0)
     compiled = graphopt.compile(GraphBreakMLP(), memory_budget=budget, compiler="eager")
     with pytest.raises(graphopt.BudgetInfeasibleError, match="do not fit the budget together: after 0 replans") as error:
@@ -543,12 +569,12 @@ def test_replans_that_run_out_end_in_a_budget_error(monkeypatch):
 class _NormsAndDropoutAroundABreak(nn.Module):
     """BatchNorm and dropout on both sides of a graph break."""
 
-    def __init__(self, width: int = 64, hidden: int = 256):
+    def __init__(self, width: int = 64, hidden: int = 256, dropout: float = 0.1):
         super().__init__()
 
         def half() -> nn.Module:
             return nn.Sequential(
-                nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, width)
+                nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width)
             )
 
         self.first, self.second = half(), half()
@@ -559,12 +585,49 @@ class _NormsAndDropoutAroundABreak(nn.Module):
         return self.second(x).square().mean()
 
 
-def test_a_call_run_again_after_replanning_updates_statistics_and_draws_randomness_once():
+def test_graphs_around_a_break_run_each_forward_once_and_are_planned_again_after_the_first_step():
+    """Issue 16: the graph Dynamo compiles at the break leaves the graph after it the
+    most room it can, so the first step fits without rerunning anything; once it has
+    run, graphopt.compile plans the step again with the room the second graph left
+    unused given back to the first. Three steps: losses, gradients, BatchNorm's running
+    statistics and num_batches_tracked equal eager's."""
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    eager_model = _NormsAndDropoutAroundABreak(dropout=0.0)
+    model = copy.deepcopy(eager_model)
+    unbudgeted = graphopt.compile(copy.deepcopy(model), compiler="eager")
+    unbudgeted(x).backward()
+    budget = int(0.8 * max(plan.predicted_peak_bytes for plan in graphopt.plans(unbudgeted)))
+    compiled = graphopt.compile(model, memory_budget=budget, compiler="eager")
+    rooms, first_step_assumed = [], []
+    for step in range(3):
+        for module in (eager_model, model):
+            module.zero_grad(set_to_none=True)
+        expected, actual = eager_model(x), compiled(x)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+        expected.backward()
+        actual.backward()
+        assert_grads_equal(eager_model, model)
+        first, second = graphopt.plans(compiled)
+        rooms.append(first.memory["room for later graphs"])
+        first_step_assumed.append(any("compiled at a graph break" in text for text in first.assumptions))
+        assert max(first.predicted_peak_bytes, second.predicted_peak_bytes) <= budget
+    assert first_step_assumed == [True, False, False]
+    assert rooms[0] > rooms[1] == rooms[2] > 0  # planned again once, after the first step
+    for (name, expected), (_, actual) in zip(eager_model.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert [b.item() for n, b in model.named_buffers() if n.endswith("num_batches_tracked")] == [3, 3]
+
+
+def test_a_call_run_again_after_replanning_updates_statistics_and_draws_randomness_once(monkeypatch):
     """Issue 16: a call graphopt.compile reruns (the second graph asked the first to
     leave it room) had run the first graph's forward twice: BatchNorm's running
     statistics and num_batches_tracked moved twice, and dropout drew twice. After 3
     steps they equal those of the same model compiled under a budget that needs no
-    rerun, as do the losses, the gradients and the RNG state."""
+    rerun, as do the losses, the gradients and the RNG state. (A graph break Dynamo
+    reports leaves room in the first step instead, test above; a graph it does not
+    report as one, here all of them, is planned as the step's last.)"""
+    monkeypatch.setattr(torch_private, "compiled_at_graph_break", lambda graph_module: False)
     x = torch.randn(512, 64, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     loose_model = _NormsAndDropoutAroundABreak()
@@ -659,8 +722,6 @@ def test_plan_prints_explains_and_round_trips():
 
 
 def test_torch_compile_backend_graphopt_with_options():
-    from graphopt.backend import session_for_options
-
     inputs = _mlp_inputs()
     sessions = []
 

@@ -535,3 +535,22 @@ def test_cpu_allocated_peak_sees_an_allocation():
     size = 1 << 20
     _, peak = torch_private.cpu_allocated_peak(lambda: torch.empty(size, dtype=torch.uint8).fill_(0))
     assert size <= peak < 2 * size, "torch's profiler no longer reports CPU [memory] events in kineto_results"
+
+
+def test_compiled_at_graph_break_tells_a_graph_that_more_of_its_frame_follows():
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        x = x.sin()
+        torch._dynamo.graph_break()
+        return x.cos()
+
+    seen = []
+
+    def backend(graph_module, example_inputs):
+        seen.append(torch_private.compiled_at_graph_break(graph_module))
+        return graph_module.forward
+
+    torch.compile(broken, backend=backend)(torch.randn(3))
+    assert seen == [True, False], (
+        "Dynamo no longer records OutputGraph.compile_subgraph_reason.graph_break on the graph it hands a backend, "
+        "as torch_private.compiled_at_graph_break reads it"
+    )
