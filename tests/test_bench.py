@@ -229,3 +229,25 @@ def test_the_frontier_table_puts_dominated_torch_points_and_lossy_rows_last():
     assert same_time["torch-amb-0.5"]["config"] == "graphopt-200"  # the lossy point is not counted
     assert same_time["torch-amb-1.0"]["config"] == "graphopt-300"
     assert "lossy (vs exact torch)" in frontier.format_table(rows)
+
+
+def test_graph_breaks_bench_runs_each_configuration_step_by_step(tmp_path):
+    """bench/graph_breaks.py on a small batch without code generation: every step of both
+    graphopt configurations is a row, and the first-step configuration plans again only
+    after its first step. (Measured peaks are not checked: without Inductor's fusion
+    the graphs run op by op and may exceed the plan, which EAGER_MEMORY says.)"""
+    from bench import graph_breaks
+
+    out = tmp_path / "graph_breaks.csv"
+    graph_breaks.main(
+        ["--compiler", "eager", "--steps", "2", "--batch", "4", "--seq", "128", "--fraction", "0.7", "--out", str(out)]
+    )
+    with out.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["config"], row["step"]) for row in rows] == [
+        ("eager", "1"), ("first-step", "1"), ("first-step", "2"), ("rerun", "1"), ("rerun", "2"),
+    ]
+    replans = {(row["config"], row["step"]): int(row["replans_so_far"]) for row in rows[1:]}
+    assert replans[("first-step", "1")] == 0
+    for row in rows[1:]:
+        assert float(row["predicted_mb"]) <= float(row["budget_mb"])
