@@ -279,11 +279,12 @@ class Session:
         if not self.first_step_rooms or self.open_runs or not self.forward_runs:
             return None
         rooms, self.first_step_rooms = self.first_step_rooms, {}
-        order = list(self.peaks)
-        usable = _usable(self.options)
-        after_first = order[min(order.index(graph) for graph in rooms if graph in order) + 1:] if set(rooms) & set(order) else []
+        order = list(self.peaks)  # the graphs in the order they were planned
+        positions = [order.index(graph) for graph in rooms if graph in self.peaks]
+        after_first = order[min(positions) + 1:] if positions else []
         if not after_first:
             return None
+        usable = _usable(self.options)
         slack = max(min(usable - self.peaks[graph] for graph in after_first), 0) // len(rooms)
         if slack <= FIRST_STEP_MIN_GAIN * usable:
             return None
@@ -427,8 +428,9 @@ def partition(
                 raise session.replan_request(graph_name, analyses[-1], error) from None
             # No plan found leaves that room: less by the least peak's excess, then none
             # (the later graphs may then ask for a replan).
-            smaller = room - (error.least_peak_bytes - _usable(options)) - int(FIRST_STEP_MARGIN * _usable(options))
-            room = session.first_step_rooms[graph_name] = max(smaller, 0) if smaller < room else 0
+            usable = _usable(options)
+            excess = error.least_peak_bytes - usable + int(FIRST_STEP_MARGIN * usable)
+            room = session.first_step_rooms[graph_name] = max(room - excess, 0) if excess > 0 else 0
     if first_step and room:
         plan = dataclasses.replace(plan, assumptions=(*plan.assumptions, _first_step_assumption(graph_name, room)))
     plan = dataclasses.replace(plan, pruning=pruning, passes=in_pipeline_order(joint_passes + plan.passes))
