@@ -274,16 +274,18 @@ class Session:
         the step again with: each such graph gives up its share of what every graph after
         it left unused of the usable budget (its slack), so that the graphs after it fit
         beside what it then keeps -- with the plans they have, or faster ones. None while
-        the first step's backward has not come, when there is nothing to give back worth
-        compiling the graphs again for (`FIRST_STEP_MIN_GAIN`), and once asked."""
+        the first step's backward has not come or no graph after them was planned, when
+        there is nothing to give back worth compiling the graphs again for
+        (`FIRST_STEP_MIN_GAIN`), and once answered."""
         if not self.first_step_rooms or self.open_runs or not self.forward_runs:
             return None
-        rooms, self.first_step_rooms = self.first_step_rooms, {}
+        rooms = self.first_step_rooms
         order = list(self.peaks)  # the graphs in the order they were planned
         positions = [order.index(graph) for graph in rooms if graph in self.peaks]
         after_first = order[min(positions) + 1:] if positions else []
-        if not after_first:
+        if not after_first:  # no graph after them planned yet (a call that failed early)
             return None
+        self.first_step_rooms = {}
         usable = _usable(self.options)
         slack = max(min(usable - self.peaks[graph] for graph in after_first), 0) // len(rooms)
         if slack <= FIRST_STEP_MIN_GAIN * usable:
