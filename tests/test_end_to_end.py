@@ -664,6 +664,34 @@ def _first_graph_alone(inputs) -> graphopt.Plan:
     return graphopt.plans(compiled)[0]
 
 
+def test_rooms_after_the_first_step_give_back_the_later_graphs_least_slack_once():
+    """The give-back in isolation: the least slack of the graphs after the first graph at
+    a break, shared between the graphs at a break; nothing while a run is open, nothing
+    before a later graph was planned (a call that failed early keeps the rooms for the
+    next step), nothing below FIRST_STEP_MIN_GAIN of the usable budget, and once."""
+    from graphopt.planner import FIRST_STEP_MIN_GAIN, Session
+
+    budget = 1000
+    session = Session(make_options({"memory_budget": budget, "compiler": "eager"}))
+    session.forward_runs = 1
+    session.first_step_rooms = {"graph_0": 600, "graph_1": 400}
+    session.peaks = {"graph_0": 990}
+    assert session.rooms_after_first_step() is None  # graph_0 alone: no later graph planned yet
+    assert session.first_step_rooms == {"graph_0": 600, "graph_1": 400}
+    session.peaks.update({"graph_1": 800, "graph_2": 700})
+    session.open_runs.add(lambda: None)
+    assert session.rooms_after_first_step() is None  # the first step's backward has not come
+    session.open_runs.clear()
+    usable = int(budget * (1 - session.options.prediction_headroom))
+    slack = (usable - 800) // 2  # graph_1's is the least slack after graph_0, shared by two graphs
+    assert slack > FIRST_STEP_MIN_GAIN * usable
+    assert session.rooms_after_first_step() == {"graph_0": 600 - slack, "graph_1": 400 - slack}
+    assert session.rooms_after_first_step() is None  # answered once
+    session.first_step_rooms = {"graph_0": 600}
+    session.peaks = {"graph_0": 990, "graph_1": usable - int(FIRST_STEP_MIN_GAIN * usable)}
+    assert session.rooms_after_first_step() is None  # too little to compile again for
+
+
 def test_graph_break_replanning_leaves_the_room_the_later_graph_needs():
     """Replanning in isolation: a session told to leave room after graph_0 plans it
     with that room at the forward's end, and names it in the plan's memory."""
