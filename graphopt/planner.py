@@ -159,7 +159,6 @@ class Session:
     handed_on: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name: what one run's forward keeps
     gradient_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # its parameters' gradients
     runs: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name: the runs it was planned for
-    peaks: dict[str, int] = dataclasses.field(default_factory=dict)  # by graph name, in the order they were planned
     # Budgeted forwards run so far: graphopt.compile plans a call again (a size above a
     # symbolic graph's plan) only while none of that call has run.
     forward_runs: int = 0
@@ -201,7 +200,7 @@ class Session:
                 continue
             done = self.pending.get(name, 0)
             if not done:
-                for counts in (self.saved_bytes, self.gradient_bytes, self.frames, self.handed_on, self.runs, self.peaks):
+                for counts in (self.saved_bytes, self.gradient_bytes, self.frames, self.handed_on, self.runs):
                     counts.pop(name, None)
             elif done < self.runs.get(name, 1):
                 self.saved_bytes[name] = done * self.handed_on.get(name, 0)
@@ -280,14 +279,15 @@ class Session:
         if not self.first_step_rooms or self.open_runs or not self.forward_runs:
             return None
         rooms = self.first_step_rooms
-        order = list(self.peaks)  # the graphs in the order they were planned
-        positions = [order.index(graph) for graph in rooms if graph in self.peaks]
+        # The plans of the graphs that run now (not those superseded), in the order planned.
+        order = [plan for plan in self.plans if plan.graph in self.saved_bytes]
+        positions = [index for index, plan in enumerate(order) if plan.graph in rooms]
         after_first = order[min(positions) + 1:] if positions else []
         if not after_first:  # no graph after them planned yet (a call that failed early)
             return None
         self.first_step_rooms = {}
         usable = _usable(self.options)
-        slack = max(min(usable - self.peaks[graph] for graph in after_first), 0) // len(rooms)
+        slack = max(min(usable - plan.predicted_peak_bytes for plan in after_first), 0) // len(rooms)
         if slack <= FIRST_STEP_MIN_GAIN * usable:
             return None
         return {**self.room_after, **{graph: max(room - slack, 0) for graph, room in rooms.items()}}
@@ -310,8 +310,6 @@ class Session:
         self.handed_on[plan.graph] = handed_on
         self.gradient_bytes[plan.graph] = gradient_bytes
         self.runs[plan.graph] = runs
-        self.peaks.pop(plan.graph, None)
-        self.peaks[plan.graph] = plan.predicted_peak_bytes
 
     def replace_plan(self, plan: Plan) -> None:
         """`plan` in place of its graph's plan (the byte counts stay)."""

@@ -669,16 +669,23 @@ def test_rooms_after_the_first_step_give_back_the_later_graphs_least_slack_once(
     a break, shared between the graphs at a break; nothing while a run is open, nothing
     before a later graph was planned (a call that failed early keeps the rooms for the
     next step), nothing below FIRST_STEP_MIN_GAIN of the usable budget, and once."""
+    from types import SimpleNamespace
+
     from graphopt.planner import FIRST_STEP_MIN_GAIN, Session
 
     budget = 1000
     session = Session(make_options({"memory_budget": budget, "compiler": "eager"}))
+
+    def planned(peaks: dict[str, int]) -> None:  # what Session.record keeps of each plan, in order
+        session.plans = [SimpleNamespace(graph=graph, predicted_peak_bytes=peak) for graph, peak in peaks.items()]
+        session.saved_bytes = dict.fromkeys(peaks, 1)
+
     session.forward_runs = 1
     session.first_step_rooms = {"graph_0": 600, "graph_1": 400}
-    session.peaks = {"graph_0": 990}
+    planned({"graph_0": 990})
     assert session.rooms_after_first_step() is None  # graph_0 alone: no later graph planned yet
     assert session.first_step_rooms == {"graph_0": 600, "graph_1": 400}
-    session.peaks.update({"graph_1": 800, "graph_2": 700})
+    planned({"graph_0": 990, "graph_1": 800, "graph_2": 700})
     session.open_runs.add(lambda: None)
     assert session.rooms_after_first_step() is None  # the first step's backward has not come
     session.open_runs.clear()
@@ -688,7 +695,7 @@ def test_rooms_after_the_first_step_give_back_the_later_graphs_least_slack_once(
     assert session.rooms_after_first_step() == {"graph_0": 600 - slack, "graph_1": 400 - slack}
     assert session.rooms_after_first_step() is None  # answered once
     session.first_step_rooms = {"graph_0": 600}
-    session.peaks = {"graph_0": 990, "graph_1": usable - int(FIRST_STEP_MIN_GAIN * usable)}
+    planned({"graph_0": 990, "graph_1": usable - int(FIRST_STEP_MIN_GAIN * usable)})
     assert session.rooms_after_first_step() is None  # too little to compile again for
 
 
