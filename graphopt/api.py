@@ -15,6 +15,7 @@ from .distributed import fsdp_units, is_ddp, local_bytes, rank_memory
 from . import torch_private
 from .budget import format_bytes
 from .errors import BudgetInfeasibleError, GraphoptError, ReplanEarlierGraphs, ShapeAbovePlanError
+from .ops.apply_update import refuse_under_ddp
 from .plan import Plan
 from .repeats import graph_runs
 from .trainable import select_parameters
@@ -132,6 +133,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         verbose=verbose,
         model_static_bytes=_static_bytes(model),
     )
+    if is_ddp(model):
+        refuse_under_ddp(options.optimizer)
     options = dataclasses.replace(
         options,
         rank_reserves=rank_memory(model).reserves(),

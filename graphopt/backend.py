@@ -19,7 +19,7 @@ from .config import Options, make_options
 from .cost_models.memory import concrete_size
 from .effects import ForwardWrites
 from .errors import GraphoptError, RepeatedGraphError, ShapeAbovePlanError
-from .ops.apply_update import GraphParameters
+from .ops.apply_update import GraphParameters, refuse_under_ddp
 from .planner import GivenPlan, Session, partition
 from .repeats import RunCounter
 from .trainable import FrozenRowsGuard, GraphTrainable, graph_trainable
@@ -82,6 +82,8 @@ class GraphoptBackend:
         return self._graph_runs.fresh() if self._graph_runs is not None else None
 
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if torch_private.compiling_under_ddp():
+            refuse_under_ddp(self.session.options.optimizer)
         if self.session.options.memory_budget_bytes is not None and torch_private.compiling_ddp_bucket_graph():
             raise GraphoptError(
                 "torch.compile split this DDP model's graph at its gradient buckets (Dynamo's DDP optimization). "

@@ -433,6 +433,14 @@ def one_graph_under_ddp() -> Any:
     return torch._dynamo.config.patch(optimize_ddp=False)
 
 
+def compiling_under_ddp() -> bool:
+    """Whether Dynamo is compiling the forward of a ``DistributedDataParallel`` module:
+    DDP marks itself active around its inner module's forward, which Dynamo traces."""
+    if not torch.distributed.is_available():
+        return False
+    return torch.nn.parallel.DistributedDataParallel._get_active_ddp_module() is not None
+
+
 RECOMPILE_LIMIT_SETTING = "torch._dynamo.config.recompile_limit"
 
 

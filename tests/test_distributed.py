@@ -151,8 +151,31 @@ def _gradient_cases(rank: int, store: str, out: str, width: int, blocks: int, ba
                     "warned of rank memory": any("model_static_bytes" in m for m in warnings.messages),
                 }
     results["fsdp accumulation"] = _accumulation_case(base, x)
+    results["optimizer="] = _optimizer_cases(base, x)
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def _optimizer_cases(base: nn.Module, x: torch.Tensor) -> dict[str, str | None]:
+    """optimizer= under each wrap and entry point: the error's message, or None when a
+    step ran (an update inside the backward would read a gradient before DDP's
+    all-reduce or FSDP2's reduce-scatter, or FSDP2's unsharded copy of a parameter)."""
+    found = {}
+    for wrap_name, wrap in WRAPS.items():
+        for entry in ("graphopt.compile", "torch.compile"):
+            torch._dynamo.reset()
+            model = wrap(copy.deepcopy(base))
+            settings = {"optimizer": torch.optim.SGD(model.parameters(), lr=0.1), "compiler": "eager"}
+            try:
+                if entry == "graphopt.compile":
+                    compiled = graphopt.compile(model, **settings)
+                else:
+                    compiled = torch.compile(model, backend="graphopt", options=settings)
+                _step(compiled, x, list(model.parameters()))
+                found[f"{wrap_name} {entry}"] = None
+            except GraphoptError as error:
+                found[f"{wrap_name} {entry}"] = str(error)
+    return found
 
 
 def _accumulation_case(base: nn.Module, x: torch.Tensor) -> dict:
@@ -281,6 +304,14 @@ def test_fsdp_accumulation_counts_this_ranks_gradient_shards(gradient_cases):
         result = results["fsdp accumulation"]
         assert result["difference"] is None
         assert result["accumulated"] == result["shards"]
+
+
+def test_optimizer_in_the_backward_is_refused_under_ddp_and_fsdp(gradient_cases):
+    for results in gradient_cases:
+        assert set(results["optimizer="]) == {f"{wrap} {entry}" for wrap in WRAPS for entry in ("graphopt.compile", "torch.compile")}
+        for case, message in results["optimizer="].items():
+            assert message is not None, f"{case}: a step ran with the update inside the backward"
+            assert "call opt.step() after loss.backward()" in message, case
 
 
 def test_torch_compile_under_a_budget_warns_that_rank_memory_is_not_counted(gradient_cases):

@@ -98,6 +98,32 @@ def check_optimizer(optimizer: Any) -> None:
             f"optimizer={type(optimizer).__name__} cannot run inside the backward: {reason}. "
             "Leave optimizer= out and call opt.step() after loss.backward()."
         )
+    if any(_is_sharded(p) for group in optimizer.param_groups for p in group["params"]):
+        raise GraphoptError(
+            "optimizer= holds sharded parameters (DTensors: FSDP2's fully_shard or tensor parallelism). "
+            "An update inside the backward would see the unsharded gradient before FSDP2 reduce-scatters it "
+            "across ranks, and the unsharded parameter FSDP2 frees after the backward, not the rank's shard. "
+            "Leave optimizer= out and call opt.step() after loss.backward()."
+        )
+
+
+def refuse_under_ddp(optimizer: Any) -> None:
+    """Raise when `optimizer` would run inside the backward of a DDP model: the update
+    would read this rank's gradient before DDP all-reduces it across ranks."""
+    if optimizer is not None:
+        raise GraphoptError(
+            "optimizer= cannot run inside the backward of a DistributedDataParallel model: each update would "
+            "read this rank's own gradient before DDP all-reduces the gradients across ranks, so the ranks' "
+            "parameters would drift apart. Leave optimizer= out and call opt.step() after loss.backward()."
+        )
+
+
+def _is_sharded(parameter: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(parameter, DTensor)
 
 
 class _ParameterUpdate:
