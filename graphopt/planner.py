@@ -58,6 +58,9 @@ EAGER_MEMORY = (
 # Plans made for a graph that runs several times per step before its reserve for its
 # earlier runs covers what they keep (`_plan_for_runs`).
 MAX_RUN_ROUNDS = 6
+# The reserve for earlier runs is tried this much above where the last plan's need and
+# the reserve are estimated to meet, so that the estimate's plan fits beside it.
+RUN_RESERVE_MARGIN = 0.02
 # A fitting plan that leaves more of the usable budget than this unused is loosened.
 SNUG_FRACTION = 0.02
 # Program budgets tried, evenly spaced, before reporting that nothing fits.
@@ -419,16 +422,16 @@ def partition(
         analyses.append(analyze_with(reserved, room))
         return _plan_graph(session, graph_name, joint, joint_inputs, analyses[-1])
 
+    usable = _usable(options) if options.memory_budget_bytes is not None else 0
     while True:
         try:
-            reserved, (plan, forward, backward) = _plan_for_runs(plan_with, runs)
+            reserved, (plan, forward, backward) = _plan_for_runs(plan_with, runs, usable)
             break
         except BudgetInfeasibleError as error:  # beside the last reserve for its earlier runs it tried
             if not first_step or not room:
                 raise session.replan_request(graph_name, analyses[-1], error) from None
             # No plan found leaves that room: less by the least peak's excess, then none
             # (the later graphs may then ask for a replan).
-            usable = _usable(options)
             excess = error.least_peak_bytes - usable + int(FIRST_STEP_MARGIN * usable)
             room = session.first_step_rooms[graph_name] = max(room - excess, 0) if excess > 0 else 0
     if first_step and room:
@@ -455,26 +458,28 @@ def partition(
     return forward, backward
 
 
-def _plan_for_runs(plan_with, runs: int):
+def _plan_for_runs(plan_with, runs: int, usable: int):
     """The plan of a graph that runs `runs` times before its first backward (a block
     compiled once and called once per block: a graph break in the loop over blocks, or
     per-block FSDP2), and the bytes it reserves for its earlier runs: (runs - 1) times
     what its forward hands on (its saved tensors and outputs), alive while the last run
     and the first backwards run. That depends on the plan, so plans are made until one
-    fits beside the reserve it was made with: from no reserve, then each plan's need; a
-    reserve no plan fits beside is halved towards the last one that was too small.
+    fits beside the reserve it was made with: from no reserve, then where the last plan's
+    need and the reserve are estimated to meet (`_next_reserve`); a reserve no plan fits
+    beside is halved towards the last one that was too small.
     `plan_with(reserved)` plans with `reserved` more static memory and returns (plan,
-    forward, backward); `BudgetInfeasibleError` when no plan is found to fit beside its reserve.
+    forward, backward); `BudgetInfeasibleError` when no plan is found to fit beside its
+    reserve. `usable` is the part of the budget a predicted peak may fill.
     """
     if runs <= 1:
         return 0, plan_with(0)
-    reserved, too_small = 0, 0
+    reserved, too_small, too_large = 0, 0, None
     error: BudgetInfeasibleError | None = None
     for _ in range(MAX_RUN_ROUNDS):
         try:
             result = plan_with(reserved)
         except BudgetInfeasibleError as failed:
-            error = failed
+            error, too_large = failed, reserved
             if reserved <= too_small:
                 break
             reserved = (reserved + too_small) // 2
@@ -483,7 +488,8 @@ def _plan_for_runs(plan_with, runs: int):
         need = (runs - 1) * (forward_steps[-1] if forward_steps else 0)
         if need <= reserved:
             return reserved, result
-        too_small, reserved = reserved, need
+        too_small = reserved
+        reserved = _next_reserve(reserved, need, usable - result[0].predicted_peak_bytes, runs, too_large)
     if error is None:  # every round found a plan, each needing a larger reserve
         raise GraphoptError(
             f"a graph runs {runs} times before its first backward (one graph for {runs} blocks), and no plan found "
@@ -491,6 +497,23 @@ def _plan_for_runs(plan_with, runs: int):
             "or shrink the batch"
         )
     raise error
+
+
+def _next_reserve(reserved: int, need: int, slack: int, runs: int, too_large: int | None) -> int:
+    """The reserve to try after a plan made beside `reserved` needed `need` > `reserved`
+    for its earlier runs, leaving `slack` of the usable budget unused. Up to the slack
+    more reserve leaves that plan as it is; past it, each byte more reserved is taken,
+    at best, from what each run hands on, so the need falls by runs - 1 bytes per byte.
+    The reserve is tried where that line meets the need, `RUN_RESERVE_MARGIN` above it
+    (or at it) when that is below `too_large` (a reserve no plan fitted beside), else
+    halfway to `too_large`."""
+    unchanged = reserved + max(slack, 0)
+    meet = need if need <= unchanged else (need + (runs - 1) * unchanged) / runs
+    for guess in (int(meet * (1 + RUN_RESERVE_MARGIN)), int(meet)):
+        guess = max(guess, reserved + 1)
+        if too_large is None or guess < too_large:
+            return guess
+    return (reserved + too_large) // 2
 
 
 def _plan_graph(session: Session, graph_name: str, joint, joint_inputs, analysis: Analysis):

@@ -664,6 +664,37 @@ def _first_graph_alone(inputs) -> graphopt.Plan:
     return graphopt.plans(compiled)[0]
 
 
+def test_a_graph_run_per_block_finds_its_reserve_where_each_plan_fills_the_budget():
+    """`_plan_for_runs` on a synthetic planner whose plans fill the budget: each byte
+    reserved for the earlier runs is taken from what each run hands on, and no plan fits
+    beside a reserve above a limit. Jumping to each plan's need (the search before) asks
+    for the limit or more, halves back and runs out of rounds; from where need and
+    reserve meet it fits within MAX_RUN_ROUNDS."""
+    from types import SimpleNamespace
+
+    from graphopt.errors import BudgetInfeasibleError
+    from graphopt.planner import _TIMELINES, MAX_RUN_ROUNDS, _plan_for_runs
+
+    # The need 2 x (600 - reserved) meets the reserve at 400; no plan fits above 410.
+    usable, fixed, working, runs, limit = 1000, 300, 100, 3, 410  # working: the backward's own
+    tried = []
+
+    def plan_with(reserved: int):
+        tried.append(reserved)
+        if reserved > limit:
+            least = usable + reserved - limit
+            raise BudgetInfeasibleError("no plan", least_peak_bytes=least, least_budget_bytes=least, breakdown={})
+        handed_on = usable - fixed - working - reserved  # a plan keeps what the budget leaves
+        plan = SimpleNamespace(predicted_peak_bytes=fixed + working + reserved + handed_on)
+        return plan, SimpleNamespace(meta={_TIMELINES: ([handed_on],)}), None
+
+    reserved, (plan, forward, _) = _plan_for_runs(plan_with, runs, usable)
+    (handed_on,) = forward.meta[_TIMELINES][0]
+    assert (runs - 1) * handed_on <= reserved <= limit
+    assert plan.predicted_peak_bytes <= usable
+    assert tried[0] == 0 and len(tried) <= MAX_RUN_ROUNDS
+
+
 def test_rooms_after_the_first_step_give_back_the_later_graphs_least_slack_once():
     """The give-back in isolation: the least slack of the graphs after the first graph at
     a break, shared between the graphs at a break; nothing while a run is open, nothing
