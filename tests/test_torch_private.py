@@ -469,6 +469,22 @@ def test_one_graph_under_ddp_turns_dynamos_ddp_splitting_off_and_back():
     assert torch._dynamo.config.optimize_ddp == before
 
 
+def test_compiling_under_ddp_reads_the_module_ddp_marks_active_around_its_forward():
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name in ("_get_active_ddp_module", "_active_ddp_module"):
+        assert hasattr(DistributedDataParallel, name), (
+            f"torch {torch.__version__} has no DistributedDataParallel.{name}; update torch_private.compiling_under_ddp"
+        )
+    assert not torch_private.compiling_under_ddp()  # no DDP forward runs
+    previous = DistributedDataParallel._active_ddp_module
+    DistributedDataParallel._active_ddp_module = object()  # what DDP's _inside_ddp_forward sets
+    try:
+        assert torch_private.compiling_under_ddp()
+    finally:
+        DistributedDataParallel._active_ddp_module = previous
+
+
 def test_compiling_ddp_bucket_graph_reads_the_mark_ddp_splitting_leaves():
     assert not torch_private.compiling_ddp_bucket_graph()
     context = torch._guards.TracingContext(torch_private.new_fake_mode())
