@@ -14,7 +14,7 @@ Wraps:
 
 Configurations, each on its own copy of the same weights, wrapped, in the same processes:
   compile               ``torch.compile(wrapped)``
-  torch-amb-0.5         the same with ``activation_memory_budget = 0.5`` held around its calls
+  torch-amb-0.5         the same with ``activation_memory_budget = 0.5`` held while it compiles
   checkpoint-full       every block under non-reentrant ``torch.utils.checkpoint``, then
                         ``torch.compile``
   graphopt-at-<config>  ``graphopt.compile(wrapped, memory_budget=<config's peak>)`` for
@@ -91,20 +91,18 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _Config:
-    """One configuration on this rank: its model, the callable a step calls, the setting
-    held around its calls."""
+    """One configuration on this rank: its model and the callable a step calls."""
 
-    def __init__(self, name: str, model: nn.Module, step_fn: Callable, setting: Callable[[], Any] = contextlib.nullcontext):
-        self.name, self.model, self.step_fn, self.setting = name, model, step_fn, setting
+    def __init__(self, name: str, model: nn.Module, step_fn: Callable):
+        self.name, self.model, self.step_fn = name, model, step_fn
         self.parameters = list(model.parameters())
         self.times: list[float] = []
 
     def step(self, inputs: tuple[torch.Tensor, ...]) -> tuple[float, list[torch.Tensor]]:
         for parameter in self.parameters:
             parameter.grad = None
-        with self.setting():
-            loss = self.step_fn(*inputs)
-            loss.backward()
+        loss = self.step_fn(*inputs)
+        loss.backward()
         return loss.item(), [_local(p.grad) for p in self.parameters if p.grad is not None]
 
     def held_before_step(self) -> int:
@@ -123,12 +121,12 @@ def _prepare(name: str, base: nn.Module, wrap: str, budget: int | None, compiler
     setting = contextlib.nullcontext
     if name == "torch-amb-0.5":
         setting = lambda: torch._functorch.config.patch(activation_memory_budget=0.5)  # noqa: E731
-    return _Config(name, model, torch.compile(model, backend=_own_backend(compiler, setting)), setting)
+    return _Config(name, model, torch.compile(model, backend=_own_backend(compiler, setting)))
 
 
 def _own_backend(compiler: str, setting: Callable[[], Any]) -> Callable:
-    """Inductor (or aot_eager) under `setting`, as a backend callable of this
-    configuration's own: Dynamo keeps compiled code per backend callable, and without
+    """Inductor (or aot_eager) under `setting`, held while it compiles (AOTAutograd
+    partitions forward and backward then), as a backend callable of this configuration's own: Dynamo keeps compiled code per backend callable, and without
     it a second copy of the model would run the first one's compile (its guards hold:
     same code, same shapes; ``activation_memory_budget`` is not among them)."""
     inner = torch._dynamo.lookup_backend("inductor" if compiler == "inductor" else "aot_eager")
